@@ -1,0 +1,54 @@
+"""The FastAPI application: ``create_app(runtime, seal_control)`` and nothing global."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from api import routes_sys
+from api.errors import error_response, unhandled
+from api.http import Handler
+from api.routes_transit import TransitRoutes
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from api.runtime import Runtime, SealControl
+
+
+def create_app(runtime: Runtime, seal_control: SealControl) -> FastAPI:
+    runtime.seal_control = seal_control
+    handler = Handler(runtime)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        runtime.audit.start()
+        yield
+        runtime.audit.stop()
+
+    app = FastAPI(
+        title="Embassy KMS",
+        version=routes_sys.VERSION,
+        description="HSM-backed key management with split-custody unsealing; Vault-shaped API.",
+        lifespan=lifespan,
+    )
+    app.include_router(routes_sys.build_router(handler, seal_control))
+    app.include_router(TransitRoutes(handler).router())
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request: Request, exc: HTTPException) -> Response:
+        messages = {404: "unsupported path", 405: "unsupported operation"}
+        return error_response(exc.status_code, messages.get(exc.status_code, str(exc.detail)))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, exc: RequestValidationError) -> Response:
+        return error_response(400, f"invalid request: {len(exc.errors())} problem(s)")
+
+    app.add_exception_handler(Exception, unhandled)
+    return app

@@ -1,0 +1,141 @@
+"""The object graph of one worker process: store, HSM backend, barrier, services, audit.
+
+``create_runtime`` is the one place where adapters meet the core. Nothing here is a module-level
+singleton, so tests build as many runtimes as they need.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from api.audit_writer import AuditWriter
+from api.settings import Settings, prepare_softhsm_environment, softhsm_conf_path
+from hsm.pkcs11_backend import Pkcs11Backend
+from hsm.softhsm import TransportPinProvisioner, create_token, find_module, write_config
+from kms.ports import SystemClock, SystemRandom
+from kms.seal import Barrier, Custodian, InitResult, SealStatus, initialise
+from kms.service import KeyService
+from storage.sql_store import SqlStore
+
+if TYPE_CHECKING:
+    from kms.derivation import RootKeys
+
+log = logging.getLogger("ekms.runtime")
+
+
+class SealControl(Protocol):
+    """What the HTTP layer needs from the node's custodian (local, or the supervisor's)."""
+
+    def status(self) -> SealStatus: ...
+    def submit(self, mnemonic: str) -> SealStatus: ...
+    def reset(self) -> SealStatus: ...
+    def seal(self) -> SealStatus: ...
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    store: SqlStore
+    backend: Pkcs11Backend
+    barrier: Barrier
+    keys: KeyService
+    audit: AuditWriter
+    provisioner: TransportPinProvisioner
+    clock: SystemClock = field(default_factory=SystemClock)
+    random: SystemRandom = field(default_factory=SystemRandom)
+    seal_control: SealControl | None = None
+
+    def initialise(self, threshold: int, shares: int, root_token: str | None = None) -> InitResult:
+        return initialise(
+            threshold=threshold,
+            shares=shares,
+            store=self.store,
+            provisioner=self.provisioner,
+            clock=self.clock,
+            random=self.random,
+            allow_single_share=self.settings.dev,
+            root_token=root_token,
+        )
+
+    def open_barrier(self, keys: RootKeys) -> None:
+        """Open this process and finish any key creation a crash interrupted."""
+        self.barrier.open(keys)
+        report = self.keys.reconcile()
+        if report.discarded or report.orphans_destroyed:
+            log.warning(
+                "reconciled interrupted key creations: %d discarded, %d orphan objects destroyed",
+                len(report.discarded),
+                report.orphans_destroyed,
+            )
+
+    def close(self) -> None:
+        self.audit.stop()
+        self.barrier.close()
+        self.store.dispose()
+
+
+def prepare_hsm(settings: Settings) -> str:
+    """Make sure the token exists (SoftHSM: create it with transport PINs); returns the module.
+
+    Runs before worker processes load the PKCS#11 library, which fixes its slot list at load.
+    """
+    if settings.softhsm:
+        write_config(softhsm_conf_path(settings).parent)
+        prepare_softhsm_environment(settings)
+        module = settings.pkcs11_module or find_module()
+        store = SqlStore.open(settings.database_url)
+        try:
+            if not store.is_initialised():
+                create_token(settings.token_label, Path(settings.transport_pin_file), module)
+        finally:
+            store.dispose()
+        return module
+    if not settings.pkcs11_module:
+        from api.settings import ConfigError
+
+        raise ConfigError("pkcs11_module is required when softhsm = false")
+    return settings.pkcs11_module
+
+
+def create_runtime(
+    settings: Settings, *, module: str | None = None, run_migrations: bool = True
+) -> Runtime:
+    prepare_softhsm_environment(settings)
+    module = module or settings.pkcs11_module or find_module()
+    store = SqlStore.open(settings.database_url, run_migrations=run_migrations)
+    backend = Pkcs11Backend(module=module, token_label=settings.token_label)
+    barrier = Barrier(backend)
+    clock, random = SystemClock(), SystemRandom()
+    keys = KeyService(backend=backend, store=store, barrier=barrier, clock=clock, random=random)
+    provisioner = TransportPinProvisioner(
+        module=module,
+        token_label=settings.token_label,
+        transport_file=Path(settings.transport_pin_file),
+        manage_so_pin=settings.manage_so_pin,
+    )
+    runtime = Runtime(
+        settings=settings,
+        store=store,
+        backend=backend,
+        barrier=barrier,
+        keys=keys,
+        audit=AuditWriter(store),
+        provisioner=provisioner,
+        clock=clock,
+        random=random,
+    )
+    return runtime
+
+
+def local_seal_control(runtime: Runtime) -> Custodian:
+    """Single-process node: the custodian opens and closes this process's barrier directly."""
+    return Custodian(
+        store=runtime.store,
+        clock=runtime.clock,
+        opener=runtime.open_barrier,
+        closer=runtime.barrier.close,
+        timeout=runtime.settings.unseal_timeout,
+    )

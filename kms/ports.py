@@ -1,0 +1,140 @@
+"""The small interfaces through which the pure core talks to the world.
+
+Each adapter (``hsm/``, ``storage/``, ``api/``) implements one of these; the core never imports
+the adapters. Tests pass in-memory fakes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from kms.audit import AuditRecord
+    from kms.custody import ShareSetDescriptor
+    from kms.keys import KeyPolicy, KeyType, KeyVersion
+
+
+class Clock(Protocol):
+    def now(self) -> float:
+        """Seconds since the epoch."""
+        ...
+
+
+class SystemClock:
+    def now(self) -> float:
+        return time.time()
+
+
+class RandomSource(Protocol):
+    def bytes(self, n: int) -> bytes: ...
+
+
+class SystemRandom:
+    """The kernel CSPRNG; the HSM's RNG is not faster and no better seeded on Linux."""
+
+    def bytes(self, n: int) -> bytes:
+        return os.urandom(n)
+
+
+class KeyBackend(Protocol):
+    """Where key material lives and is used: a PKCS#11 token or a Vault/OpenBao transit mount.
+
+    ``handle`` is the backend's opaque, non-secret name for one key version (a PKCS#11 CKA_ID).
+    Implementations serialise their own calls where the library requires it.
+    """
+
+    def open(self, pin: bytearray) -> None:
+        """Log in; called on unseal. ``pin`` is wiped by the caller afterwards."""
+        ...
+
+    def close(self) -> None:
+        """Log out and forget every session; called on seal."""
+        ...
+
+    @property
+    def is_open(self) -> bool: ...
+
+    def generate(self, key_type: KeyType, handle: bytes, label: str) -> bytes | None:
+        """Create a key; returns the public key (DER SubjectPublicKeyInfo) for asymmetric keys."""
+        ...
+
+    def destroy(self, handle: bytes) -> None: ...
+
+    def handles(self) -> set[bytes]:
+        """Every key handle this backend holds for the service (for crash reconciliation)."""
+        ...
+
+    def encrypt(self, handle: bytes, nonce: bytes, aad: bytes, plaintext: bytes) -> bytes:
+        """AES-256-GCM; returns ciphertext || 16-byte tag."""
+        ...
+
+    def decrypt(self, handle: bytes, nonce: bytes, aad: bytes, ciphertext: bytes) -> bytes:
+        """Raises ``InvalidCiphertextError`` when the tag does not verify."""
+        ...
+
+    def sign(self, handle: bytes, key_type: KeyType, message: bytes) -> bytes:
+        """ECDSA P-256 over SHA-256(message) as raw r||s, or Ed25519 over message."""
+        ...
+
+
+class KeyStore(Protocol):
+    """Durable key metadata, shared by every node. Never holds key material in the clear."""
+
+    def get_policy(self, name: str) -> KeyPolicy | None: ...
+
+    def list_names(self) -> list[str]: ...
+
+    def insert_pending_key(self, policy: KeyPolicy, version: KeyVersion) -> None:
+        """Raises ``ConflictError`` if the name exists."""
+        ...
+
+    def insert_pending_version(self, name: str, version: KeyVersion) -> None:
+        """Raises ``ConflictError`` if that version number exists (a concurrent rotation)."""
+        ...
+
+    def activate_version(
+        self, name: str, version: int, public_key: bytes | None, wrapped: bytes | None = None
+    ) -> None:
+        """Mark a version usable and make it the latest, in one transaction."""
+        ...
+
+    def update_policy(self, policy: KeyPolicy) -> None: ...
+
+    def delete_key(self, name: str) -> None: ...
+
+    def pending_versions(self, older_than: float) -> list[tuple[str, KeyVersion]]: ...
+
+    def discard_version(self, name: str, version: int) -> None: ...
+
+    def all_handles(self) -> set[bytes]: ...
+
+
+class CustodyStore(Protocol):
+    """Durable custody state: what the share set looks like and how to recognise its secret."""
+
+    def get_share_set(self) -> ShareSetDescriptor | None: ...
+
+    def claim_initialisation(self, started_at: float) -> None:
+        """Atomically mark init as in progress; ``ConflictError`` if already claimed."""
+        ...
+
+    def complete_initialisation(
+        self, descriptor: ShareSetDescriptor, root_token_hash: bytes, token_id: str
+    ) -> None: ...
+
+    def abandon_initialisation(self) -> None: ...
+
+
+class TokenStore(Protocol):
+    def find_token(self, token_hash: bytes) -> tuple[str, Sequence[str]] | None:
+        """Returns (token id, policies) for a live token with that hash."""
+        ...
+
+
+class AuditSink(Protocol):
+    def append(self, records: Iterable[AuditRecord]) -> None:
+        """Durably append records, in order; raises on failure (the caller fails closed)."""
+        ...

@@ -1,0 +1,1 @@
+"""Storage adapters for the metadata ports (SQL via SQLAlchemy Core and Alembic)."""
