@@ -64,11 +64,18 @@ class Runtime:
         """Open this process and finish any key creation a crash interrupted."""
         self.barrier.open(keys)
         report = self.keys.reconcile()
-        if report.discarded or report.orphans_destroyed:
+        if report.discarded or report.deleted:
             log.warning(
-                "reconciled interrupted key creations: %d discarded, %d orphan objects destroyed",
+                "finished interrupted key changes: %d half-made versions undone, %d deletions "
+                "completed",
                 len(report.discarded),
-                report.orphans_destroyed,
+                len(report.deleted),
+            )
+        if report.unknown_objects:
+            log.warning(
+                "the HSM holds %d key objects that the registry does not name: was the database "
+                "restored from an older backup? They are kept; see docs/operations.md",
+                report.unknown_objects,
             )
 
     def close(self) -> None:

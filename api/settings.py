@@ -29,6 +29,7 @@ class Settings:
     pkcs11_module: str = ""
     token_label: str = "ekms"
     softhsm: bool = True  # manage a SoftHSM token under data_dir (development, rehearsal, tests)
+    softhsm_dir: str = ""  # where SoftHSM keeps its config and tokens; default data_dir/softhsm
     transport_pin_file: str = ""
     manage_so_pin: bool = True
     listen: str = "127.0.0.1:8200"
@@ -113,7 +114,8 @@ def _is_loopback(host: str) -> bool:
 
 
 def softhsm_conf_path(settings: Settings) -> Path:
-    return settings.data_dir / "softhsm" / "softhsm2.conf"
+    base = Path(settings.softhsm_dir) if settings.softhsm_dir else settings.data_dir / "softhsm"
+    return base / "softhsm2.conf"
 
 
 def prepare_softhsm_environment(settings: Settings) -> None:

@@ -129,6 +129,19 @@ def parse_share(mnemonic: str) -> Share:
         ) from None
 
 
+def recover_secret(mnemonics: list[str], passphrase: bytes = b"") -> bytearray:
+    """Combine a complete set of shares (used for test vectors and offline checks)."""
+    state = RecoveryState()
+    try:
+        for mnemonic in mnemonics:
+            state.add_share(parse_share(mnemonic))
+        if not state.is_complete():
+            raise InvalidShareError("not enough shares to reach the threshold")
+        return bytearray(state.recover(passphrase))
+    except MnemonicError:
+        raise InvalidShareError("the shares are inconsistent") from None
+
+
 @dataclass(frozen=True)
 class UnsealProgress:
     threshold: int

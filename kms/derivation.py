@@ -23,8 +23,11 @@ def wipe(buffer: bytearray) -> None:
     buffer[:] = bytes(len(buffer))
 
 
-def hkdf(secret: bytes | bytearray, label: str, length: int = 32) -> bytearray:
-    kdf = HKDF(algorithm=hashes.SHA256(), length=length, salt=_SALT, info=label.encode())
+def hkdf(
+    secret: bytes | bytearray, label: str | bytes, length: int = 32, salt: bytes = _SALT
+) -> bytearray:
+    info = label.encode() if isinstance(label, str) else label
+    kdf = HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info)
     return bytearray(kdf.derive(bytes(secret)))
 
 

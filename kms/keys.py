@@ -61,6 +61,7 @@ class Residency(str, Enum):
 class VersionState(str, Enum):
     PENDING = "pending"  # registry row written, HSM object may not exist yet
     ACTIVE = "active"
+    DELETING = "deleting"  # registry says destroy; the HSM object may still exist
 
 
 def parse_enum(enum: type[_E], value: object, field_name: str) -> _E:

@@ -2,9 +2,11 @@
 
 Creating a key touches the backend and the registry. The registry row is written first as
 ``pending`` with the backend handle it will get, then the backend object is made, then the row is
-activated. A crash between the steps leaves either a pending row (``reconcile`` activates it if
-its object exists, or discards it) or nothing; never an object that no row names, except one
-that ``reconcile`` destroys as an orphan.
+activated. Deleting runs the other way: rows are marked ``deleting``, objects destroyed, rows
+dropped. A crash at any step leaves a row that says what to finish, and ``reconcile`` finishes it
+(an unfinished creation is undone, an unfinished deletion completed). So the HSM never holds a
+key that no row names. An object that no row names anyway means the registry was restored from an
+older backup: ``reconcile`` reports it and never destroys it, since data may depend on it.
 """
 
 from __future__ import annotations
@@ -77,9 +79,9 @@ class Marshaling(str, Enum):
 
 @dataclass(frozen=True)
 class ReconcileReport:
-    activated: list[str] = field(default_factory=list)
     discarded: list[str] = field(default_factory=list)
-    orphans_destroyed: int = 0
+    deleted: list[str] = field(default_factory=list)
+    unknown_objects: int = 0
 
 
 class KeyService:
@@ -192,30 +194,36 @@ class KeyService:
             raise InvalidRequestError(
                 f"deletion is not allowed for key {name!r}: set deletion_allowed first"
             )
-        # Registry first: a crash after this leaves only orphans, which reconcile destroys.
-        self._store.delete_key(name)
+        self._store.mark_deleting(name)
         for version in policy.versions.values():
             self._backend.destroy(version.handle)
+            self._store.discard_version(name, version.number)
         with self._working_lock:
             for number in policy.versions:
                 self._working_keys.pop((name, number), None)
 
     def reconcile(self, older_than: float = DEFAULT_PENDING_GRACE) -> ReconcileReport:
-        """Finish or undo key creations that a crash interrupted; destroy orphaned objects."""
+        """Finish what a crash interrupted: undo half-made versions, complete deletions.
+
+        Pending versions younger than ``older_than`` seconds may still be in progress on another
+        node and are left alone.
+        """
         self._barrier.require_open()
         report = ReconcileReport()
+        unfinished = [
+            (name, version, report.discarded)
+            for name, version in self._store.pending_versions(self._clock.now() - older_than)
+        ] + [(name, version, report.deleted) for name, version in self._store.deleting_versions()]
         held = self._backend.handles()
-        for name, version in self._store.pending_versions(self._clock.now() - older_than):
-            label = f"{name}/v{version.number}"
+        for name, version, bucket in unfinished:
             if version.handle in held:
                 self._backend.destroy(version.handle)
+                held.discard(version.handle)
             self._store.discard_version(name, version.number)
-            report.discarded.append(label)
+            bucket.append(f"{name}/v{version.number}")
         known = self._store.all_handles()
-        orphans = [h for h in held if h not in known]
-        for handle in orphans:
-            self._backend.destroy(handle)
-        return ReconcileReport(report.activated, report.discarded, len(orphans))
+        unknown = sum(1 for handle in held if handle not in known)
+        return ReconcileReport(report.discarded, report.deleted, unknown)
 
     def _new_version(self, number: int, now: float) -> KeyVersion:
         return KeyVersion(

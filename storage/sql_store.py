@@ -246,10 +246,25 @@ class SqlStore:
                 )
             )
 
-    def delete_key(self, name: str) -> None:
+    def mark_deleting(self, name: str) -> None:
         with self._engine.begin() as conn:
-            conn.execute(delete(key_versions).where(key_versions.c.key_name == name))
-            conn.execute(delete(transit_keys).where(transit_keys.c.name == name))
+            conn.execute(
+                update(key_versions)
+                .where(key_versions.c.key_name == name)
+                .values(state=VersionState.DELETING.value)
+            )
+            conn.execute(
+                update(transit_keys)
+                .where(transit_keys.c.name == name)
+                .values(latest_version=0, updated_at=time.time())
+            )
+
+    def deleting_versions(self) -> list[tuple[str, KeyVersion]]:
+        with self._engine.connect() as conn:
+            rows = conn.execute(
+                select(key_versions).where(key_versions.c.state == VersionState.DELETING.value)
+            ).all()
+        return [(r.key_name, _version(r)) for r in rows]
 
     def pending_versions(self, older_than: float) -> list[tuple[str, KeyVersion]]:
         with self._engine.connect() as conn:
@@ -262,13 +277,13 @@ class SqlStore:
         return [(r.key_name, _version(r)) for r in rows]
 
     def discard_version(self, name: str, version: int) -> None:
-        """Drop a version that never became active; a key left with no version goes too."""
+        """Drop a pending or deleting version; a key left with no version goes too."""
         with self._engine.begin() as conn:
             conn.execute(
                 delete(key_versions).where(
                     key_versions.c.key_name == name,
                     key_versions.c.version == version,
-                    key_versions.c.state == VersionState.PENDING.value,
+                    key_versions.c.state != VersionState.ACTIVE.value,
                 )
             )
             remaining = conn.execute(

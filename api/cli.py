@@ -1,0 +1,364 @@
+"""``ekms``: run the server, and speak to it as an operator (Vault-like commands and flags).
+
+The client commands use only the standard library, so an official's laptop needs nothing else.
+Errors are printed as one line on stderr with exit status 2; nothing here prints a traceback
+for a user error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import getpass
+import json
+import os
+import shutil
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, NoReturn
+
+from kms.errors import EkmsError
+
+DEFAULT_ADDR = "http://127.0.0.1:8200"
+DEV_BANNER = """
+WARNING! dev mode is enabled! In this mode, Embassy KMS runs with a throwaway SoftHSM token
+and database, is already initialised and unsealed, and prints every unseal share and the root
+token below. DEVELOPMENT ONLY: never use it for real data; everything is lost when it stops.
+
+The address to use:
+
+    $ export VAULT_ADDR='{addr}'
+
+Unseal shares ({threshold} of {shares} unseal; SLIP-39 mnemonics):
+{share_lines}
+Root Token: {token}
+
+Data directory (deleted on exit): {data_dir}
+"""
+
+
+class CliError(Exception):
+    pass
+
+
+def fail(message: str) -> NoReturn:
+    print(f"Error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+# --- server -------------------------------------------------------------------------------
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from api.settings import Settings
+    from api.supervisor import Supervisor
+
+    if args.dev == bool(args.config):
+        fail("give either -dev or -config FILE")
+    data_dir: Path | None = None
+    if args.dev:
+        data_dir = Path(tempfile.mkdtemp(prefix="ekms-dev-"))
+        settings = Settings(
+            data_dir=data_dir,
+            dev=True,
+            listen=args.dev_listen_address,
+            workers=args.workers or 2,
+            log_level=args.log_level,
+        )
+    else:
+        settings = Settings.from_file(Path(args.config))
+        if args.workers:
+            settings.workers = args.workers
+    supervisor = Supervisor(settings)
+    try:
+        custodian = supervisor.prepare()
+        supervisor.bind()
+        if args.dev:
+            _dev_bootstrap(settings, custodian, args)
+        return supervisor.serve()
+    finally:
+        if data_dir is not None:
+            shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def _dev_bootstrap(settings: Any, custodian: Any, args: argparse.Namespace) -> None:
+    from hsm.softhsm import TransportPinProvisioner, find_module
+    from kms.ports import SystemClock, SystemRandom
+    from kms.seal import initialise
+    from storage.sql_store import SqlStore
+
+    store = SqlStore.open(settings.database_url, run_migrations=False)
+    try:
+        result = initialise(
+            threshold=args.dev_threshold,
+            shares=args.dev_shares,
+            store=store,
+            provisioner=TransportPinProvisioner(
+                module=settings.pkcs11_module or find_module(),
+                token_label=settings.token_label,
+                transport_file=Path(settings.transport_pin_file),
+            ),
+            clock=SystemClock(),
+            random=SystemRandom(),
+            allow_single_share=True,
+            root_token=args.dev_root_token_id or None,
+        )
+    finally:
+        store.dispose()
+    for share in result.mnemonics[: result.threshold]:
+        custodian.submit(share)
+    host, port = settings.host_port
+    print(
+        DEV_BANNER.format(
+            addr=f"http://{host}:{port}",
+            threshold=result.threshold,
+            shares=len(result.mnemonics),
+            share_lines="".join(f"  {i}: {m}\n" for i, m in enumerate(result.mnemonics, 1)),
+            token=result.root_token.token,
+            data_dir=settings.data_dir,
+        ),
+        flush=True,
+    )
+
+
+# --- client -------------------------------------------------------------------------------
+
+
+class Client:
+    def __init__(self, address: str, token: str | None) -> None:
+        self.address = address.rstrip("/")
+        self.token = token
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(  # noqa: S310 - the address is the operator's choice
+            f"{self.address}/v1/{path}", data=data, method=method
+        )
+        request.add_header("Content-Type", "application/json")
+        if self.token:
+            request.add_header("X-Vault-Token", self.token)
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310
+                raw = response.read()
+        except urllib.error.HTTPError as exc:
+            raw = exc.read()
+            try:
+                errors = json.loads(raw).get("errors") or [exc.reason]
+            except (ValueError, AttributeError):
+                errors = [str(exc.reason)]
+            raise CliError(f"{exc.code}: {'; '.join(map(str, errors))}") from None
+        except urllib.error.URLError as exc:
+            raise CliError(f"cannot reach {self.address}: {exc.reason}") from None
+        return json.loads(raw) if raw else None
+
+
+def _client(args: argparse.Namespace) -> Client:
+    address = args.address or os.environ.get("EKMS_ADDR") or os.environ.get("VAULT_ADDR")
+    token = os.environ.get("EKMS_TOKEN") or os.environ.get("VAULT_TOKEN")
+    return Client(address or DEFAULT_ADDR, token)
+
+
+def _print(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(json.dumps(data, indent=2) if args.format == "json" else text)
+
+
+def _status_text(s: dict[str, Any]) -> str:
+    lines = [
+        f"Initialized     {str(s.get('initialized')).lower()}",
+        f"Sealed          {str(s.get('sealed')).lower()}",
+        f"Total Shares    {s.get('n')}",
+        f"Threshold       {s.get('t')}",
+    ]
+    if s.get("sealed") and s.get("initialized"):
+        lines.append(f"Unseal Progress {s.get('progress')}/{s.get('t')}")
+        lines.append(f"Unseal Nonce    {s.get('nonce') or 'n/a'}")
+    return "\n".join(lines)
+
+
+def cmd_operator_init(args: argparse.Namespace) -> int:
+    result = _client(args).call(
+        "PUT", "sys/init",
+        {"secret_shares": args.key_shares, "secret_threshold": args.key_threshold},
+    )
+    shares = "".join(f"Unseal Share {i}: {k}\n" for i, k in enumerate(result["keys"], 1))
+    _print(args, result, f"{shares}\nInitial Root Token: {result['root_token']}\n\n"
+           "Hand each share to one official; the service is sealed until "
+           f"{args.key_threshold} of them unseal it.")
+    return 0
+
+
+def cmd_operator_unseal(args: argparse.Namespace) -> int:
+    client = _client(args)
+    if args.reset:
+        result = client.call("PUT", "sys/unseal", {"reset": True})
+        _print(args, result, _status_text(result))
+        return 0
+    if args.key:
+        share = args.key
+    elif args.file:
+        try:
+            share = Path(args.file).read_text().strip()
+        except OSError as exc:
+            fail(f"cannot read share file {args.file}: {exc.strerror}")
+    elif sys.stdin.isatty():
+        share = getpass.getpass("Unseal share (will be hidden): ").strip()
+    else:
+        fail("no share given: pass it as an argument, with --file, or run in a terminal")
+    result = client.call("PUT", "sys/unseal", {"key": share})
+    _print(args, result, _status_text(result))
+    return 0
+
+
+def cmd_operator_seal(args: argparse.Namespace) -> int:
+    _client(args).call("PUT", "sys/seal")
+    print("Success! Embassy KMS is sealed.")
+    return 0
+
+
+def cmd_operator_status(args: argparse.Namespace) -> int:
+    result = _client(args).call("GET", "sys/seal-status")
+    _print(args, result, _status_text(result))
+    return 2 if result.get("sealed") else 0
+
+
+def _key_text(data: dict[str, Any]) -> str:
+    rows = [f"{k:<24}{v}" for k, v in data.items() if k != "keys"]
+    rows.append(f"{'versions':<24}{', '.join(data.get('keys', {}))}")
+    return "\n".join(rows)
+
+
+def cmd_key_create(args: argparse.Namespace) -> int:
+    body = {"type": args.type, "classification": args.classification,
+            "residency": args.residency}
+    result = _client(args).call("POST", f"transit/keys/{args.name}", body)
+    _print(args, result, _key_text(result["data"]))
+    return 0
+
+
+def cmd_key_read(args: argparse.Namespace) -> int:
+    result = _client(args).call("GET", f"transit/keys/{args.name}")
+    _print(args, result, _key_text(result["data"]))
+    return 0
+
+
+def cmd_key_rotate(args: argparse.Namespace) -> int:
+    result = _client(args).call("POST", f"transit/keys/{args.name}/rotate")
+    _print(args, result, f"Key {args.name} rotated to version {result['data']['latest_version']}")
+    return 0
+
+
+def cmd_key_list(args: argparse.Namespace) -> int:
+    try:
+        result = _client(args).call("GET", "transit/keys?list=true")
+    except CliError as exc:
+        if str(exc).startswith("404"):
+            _print(args, {"keys": []}, "No keys.")
+            return 0
+        raise
+    _print(args, result, "\n".join(result["data"]["keys"]))
+    return 0
+
+
+def cmd_datakey(args: argparse.Namespace) -> int:
+    context = base64.b64encode(args.context.encode()).decode() if args.context else ""
+    kind = "wrapped" if args.wrapped else "plaintext"
+    result = _client(args).call(
+        "POST", f"transit/datakey/{kind}/{args.name}", {"context": context, "bits": args.bits}
+    )
+    data = result["data"]
+    text = f"ciphertext  {data['ciphertext']}"
+    if "plaintext" in data:
+        text += f"\nplaintext   {data['plaintext']}"
+    _print(args, result, text)
+    return 0
+
+
+# --- parser -------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ekms", description="Embassy KMS")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def client_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("-address", "--address", help="server address (or EKMS_ADDR/VAULT_ADDR)")
+        p.add_argument("-format", "--format", choices=("table", "json"), default="table")
+
+    server = sub.add_parser("server", help="run the service")
+    server.add_argument("-dev", "--dev", action="store_true", help="throwaway dev server")
+    server.add_argument("-config", "--config", help="TOML configuration file")
+    server.add_argument("-dev-root-token-id", "--dev-root-token-id", default="")
+    server.add_argument("-dev-listen-address", "--dev-listen-address", default="127.0.0.1:8200")
+    server.add_argument("-dev-shares", "--dev-shares", type=int, default=5)
+    server.add_argument("-dev-threshold", "--dev-threshold", type=int, default=3)
+    server.add_argument("-workers", "--workers", type=int, default=0)
+    server.add_argument("-log-level", "--log-level", default="warning",
+                        choices=("debug", "info", "warning", "error"))
+    server.set_defaults(func=cmd_server)
+
+    operator = sub.add_parser("operator", help="init, unseal, seal, status").add_subparsers(
+        dest="action", required=True
+    )
+    init = operator.add_parser("init", help="initialise and print the shares")
+    init.add_argument("-key-shares", "--key-shares", type=int, default=5)
+    init.add_argument("-key-threshold", "--key-threshold", type=int, default=3)
+    init.set_defaults(func=cmd_operator_init)
+    unseal = operator.add_parser("unseal", help="submit one share (prompts without echo)")
+    unseal.add_argument("key", nargs="?", help="the share (visible in shell history: prefer the prompt)")
+    unseal.add_argument("-file", "--file", help="read the share from a file")
+    unseal.add_argument("-reset", "--reset", action="store_true", help="discard unseal progress")
+    unseal.set_defaults(func=cmd_operator_unseal)
+    seal = operator.add_parser("seal", help="seal the node")
+    seal.set_defaults(func=cmd_operator_seal)
+    status = operator.add_parser("status", help="seal status (exit 2 if sealed)")
+    status.set_defaults(func=cmd_operator_status)
+    for p in (init, unseal, seal, status):
+        client_options(p)
+
+    key = sub.add_parser("key", help="transit keys").add_subparsers(dest="action", required=True)
+    create = key.add_parser("create")
+    create.add_argument("name")
+    create.add_argument("-type", "--type", default="aes256-gcm96",
+                        choices=("aes256-gcm96", "ecdsa-p256", "ed25519"))
+    create.add_argument("-classification", "--classification", default="secret",
+                        choices=("public", "internal", "confidential", "secret"))
+    create.add_argument("-residency", "--residency", default="hsm", choices=("hsm", "memory"))
+    create.set_defaults(func=cmd_key_create)
+    read = key.add_parser("read")
+    read.add_argument("name")
+    read.set_defaults(func=cmd_key_read)
+    rotate = key.add_parser("rotate")
+    rotate.add_argument("name")
+    rotate.set_defaults(func=cmd_key_rotate)
+    listing = key.add_parser("list")
+    listing.set_defaults(func=cmd_key_list)
+    for p in (create, read, rotate, listing):
+        client_options(p)
+
+    datakey = sub.add_parser("datakey", help="generate a data key under a transit key")
+    datakey.add_argument("name")
+    datakey.add_argument("-context", "--context", default="", help="encryption context (text)")
+    datakey.add_argument("-bits", "--bits", type=int, default=256, choices=(128, 256, 512))
+    datakey.add_argument("-wrapped", "--wrapped", action="store_true",
+                         help="return only the wrapped key")
+    client_options(datakey)
+    datakey.set_defaults(func=cmd_datakey)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except (CliError, EkmsError) as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

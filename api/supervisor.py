@@ -1,0 +1,308 @@
+"""Several worker processes per node, one custodian, and no secret on disk.
+
+The supervisor owns the node's ``Custodian``: workers forward unseal, reset, seal and status
+requests to it over a private pipe. When a quorum is reached the supervisor derives the keys and
+sends them down each worker's command pipe; each worker logs into the HSM itself (a PKCS#11
+login is per process). A worker that dies is restarted and, if the node is unsealed, opened.
+Workers are spawned, not forked, so no process inherits another's PKCS#11 state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from api.runtime import create_runtime, prepare_hsm
+from api.settings import Settings
+from kms.derivation import RootKeys, wipe
+from kms.errors import (
+    BackendError,
+    ConflictError,
+    EkmsError,
+    InvalidRequestError,
+    InvalidShareError,
+    NotInitializedError,
+    StorageError,
+)
+from kms.ports import SystemClock
+from kms.seal import Custodian, SealStatus
+from storage.sql_store import SqlStore
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+    from multiprocessing.process import BaseProcess
+
+log = logging.getLogger("ekms.supervisor")
+_SPAWN = multiprocessing.get_context("spawn")
+_ACK_TIMEOUT = 60.0
+_ERRORS: dict[str, type[EkmsError]] = {
+    cls.__name__: cls
+    for cls in (InvalidShareError, ConflictError, NotInitializedError, InvalidRequestError,
+                BackendError, StorageError)
+}
+
+
+@dataclass
+class WorkerHandle:
+    index: int
+    process: BaseProcess
+    commands: Connection  # supervisor -> worker: open / close
+    rpc: Connection  # worker -> supervisor: custody requests
+    lock: threading.Lock
+
+
+class Supervisor:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._workers: list[WorkerHandle] = []
+        self._keys: RootKeys | None = None
+        self._stopping = threading.Event()
+        self._broadcast_lock = threading.Lock()
+        self._store: SqlStore | None = None
+        self.custodian: Custodian | None = None
+        self._socket: socket.socket | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def prepare(self) -> Custodian:
+        prepare_hsm(self.settings)
+        self._store = SqlStore.open(self.settings.database_url)
+        self.custodian = Custodian(
+            store=self._store,
+            clock=SystemClock(),
+            opener=self._open_all,
+            closer=self._close_all,
+            timeout=self.settings.unseal_timeout,
+        )
+        return self.custodian
+
+    def bind(self) -> socket.socket:
+        host, port = self.settings.host_port
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+        sock.set_inheritable(True)
+        self._socket = sock
+        return sock
+
+    def serve(self, on_ready: Any = None) -> int:
+        if self.custodian is None:
+            self.prepare()
+        sock = self._socket or self.bind()
+        for index in range(self.settings.workers):
+            self._workers.append(self._spawn(index, sock))
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self._stopping.set())
+        if on_ready is not None:
+            on_ready()
+        try:
+            while not self._stopping.wait(0.5):
+                self._restart_dead(sock)
+        finally:
+            self.shutdown()
+        return 0
+
+    def shutdown(self) -> None:
+        self._stopping.set()
+        for worker in self._workers:
+            if worker.process.is_alive():
+                worker.process.terminate()
+        deadline = time.monotonic() + 10
+        for worker in self._workers:
+            worker.process.join(timeout=max(0.1, deadline - time.monotonic()))
+            if worker.process.is_alive():
+                worker.process.kill()
+        if self._keys is not None:
+            self._keys.wipe()
+            self._keys = None
+        if self._socket is not None:
+            self._socket.close()
+        if self._store is not None:
+            self._store.dispose()
+
+    def _spawn(self, index: int, sock: socket.socket) -> WorkerHandle:
+        commands, worker_commands = _SPAWN.Pipe()
+        rpc, worker_rpc = _SPAWN.Pipe()
+        process = _SPAWN.Process(
+            target=worker_main,
+            args=(self.settings, sock, worker_rpc, worker_commands, index),
+            name=f"ekms-worker-{index}",
+            daemon=True,
+        )
+        process.start()
+        worker_rpc.close()
+        worker_commands.close()
+        handle = WorkerHandle(index, process, commands, rpc, threading.Lock())
+        threading.Thread(target=self._serve_rpc, args=(handle,), daemon=True).start()
+        with self._broadcast_lock:
+            if self._keys is not None:
+                self._send_open(handle, self._keys)
+        return handle
+
+    def _restart_dead(self, sock: socket.socket) -> None:
+        for position, worker in enumerate(self._workers):
+            if not worker.process.is_alive() and not self._stopping.is_set():
+                log.error("worker %d exited with %s; restarting", worker.index,
+                          worker.process.exitcode)
+                time.sleep(0.5)
+                self._workers[position] = self._spawn(worker.index, sock)
+
+    # --- custody broadcast ----------------------------------------------------------------
+
+    def _open_all(self, keys: RootKeys) -> None:
+        with self._broadcast_lock:
+            self._keys = keys
+            failures = [w.index for w in self._workers if not self._send_open(w, keys)]
+            if failures:
+                self._close_locked()
+                raise BackendError(f"worker(s) {failures} could not open the HSM; node stays sealed")
+
+    def _close_all(self) -> None:
+        with self._broadcast_lock:
+            self._close_locked()
+
+    def _close_locked(self) -> None:
+        for worker in self._workers:
+            self._command(worker, b"C")
+        if self._keys is not None:
+            self._keys.wipe()
+            self._keys = None
+
+    def _send_open(self, worker: WorkerHandle, keys: RootKeys) -> bool:
+        blob = keys.to_bytes()
+        try:
+            return self._command(worker, b"O" + blob)
+        finally:
+            wipe(blob)
+
+    def _command(self, worker: WorkerHandle, message: bytes | bytearray) -> bool:
+        with worker.lock:
+            try:
+                worker.commands.send_bytes(message)
+                if not worker.commands.poll(_ACK_TIMEOUT):
+                    log.error("worker %d did not acknowledge a command", worker.index)
+                    return False
+                reply = worker.commands.recv_bytes()
+            except (OSError, EOFError):
+                return not worker.process.is_alive()  # a dead worker is restarted sealed/opened
+            if reply != b"K":
+                log.error("worker %d refused a command: %s", worker.index, reply[1:].decode())
+                return False
+            return True
+
+    def _serve_rpc(self, worker: WorkerHandle) -> None:
+        custodian = self.custodian
+        assert custodian is not None
+        while not self._stopping.is_set():
+            try:
+                request = worker.rpc.recv()
+            except (EOFError, OSError):
+                return
+            try:
+                op = request[0]
+                if op == "submit":
+                    reply: tuple[Any, ...] = ("ok", custodian.submit(request[1]))
+                elif op == "reset":
+                    reply = ("ok", custodian.reset())
+                elif op == "seal":
+                    reply = ("ok", custodian.seal())
+                else:
+                    reply = ("ok", custodian.status())
+            except EkmsError as exc:
+                reply = ("error", type(exc).__name__, str(exc))
+            except Exception as exc:  # noqa: BLE001 - reported to the worker, logged by type
+                log.error("custody request failed: %s", type(exc).__name__)
+                reply = ("error", "BackendError", "custody request failed")
+            try:
+                worker.rpc.send(reply)
+            except (OSError, EOFError):
+                return
+
+
+class RemoteSealControl:
+    """A worker's view of the node custodian, over the RPC pipe to the supervisor."""
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+        self._lock = threading.Lock()
+
+    def _call(self, *request: Any) -> SealStatus:
+        with self._lock:
+            self._connection.send(request)
+            reply = self._connection.recv()
+        if reply[0] == "ok":
+            status: SealStatus = reply[1]
+            return status
+        kind = _ERRORS.get(reply[1], BackendError)
+        if kind is NotInitializedError:
+            raise NotInitializedError
+        raise kind(reply[2])
+
+    def status(self) -> SealStatus:
+        return self._call("status")
+
+    def submit(self, mnemonic: str) -> SealStatus:
+        return self._call("submit", mnemonic)
+
+    def reset(self) -> SealStatus:
+        return self._call("reset")
+
+    def seal(self) -> SealStatus:
+        return self._call("seal")
+
+
+def worker_main(
+    settings: Settings, sock: socket.socket, rpc: Connection, commands: Connection, index: int
+) -> None:
+    import uvicorn
+
+    from api.app import create_app
+    from api.protocol import uvicorn_config
+
+    logging.basicConfig(level=settings.log_level.upper())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when workers stop
+    runtime = create_runtime(settings, run_migrations=False)
+    app = create_app(runtime, RemoteSealControl(rpc))
+    threading.Thread(
+        target=_command_loop, args=(runtime, commands), name="custody-commands", daemon=True
+    ).start()
+    config = uvicorn_config(
+        app,
+        log_level=settings.log_level,
+        tls_cert_file=settings.tls_cert_file,
+        tls_key_file=settings.tls_key_file,
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        uvicorn.Server(config).run(sockets=[sock])
+    runtime.close()
+    log.debug("worker %d stopped", index)
+
+
+def _command_loop(runtime: Any, commands: Connection) -> None:
+    while True:
+        try:
+            message = bytearray(commands.recv_bytes())
+        except (EOFError, OSError):
+            runtime.barrier.close()
+            return
+        try:
+            if message[:1] == b"O":
+                runtime.open_barrier(RootKeys.from_bytes(message[1:]))
+            elif message[:1] == b"C":
+                runtime.barrier.close()
+            commands.send_bytes(b"K")
+        except EkmsError as exc:
+            commands.send_bytes(b"E" + str(exc).encode())
+        except Exception as exc:  # noqa: BLE001 - reported to the supervisor by type only
+            commands.send_bytes(b"E" + type(exc).__name__.encode())
+        finally:
+            wipe(message)
