@@ -8,8 +8,6 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import Response
 
 from api import routes_sys
 from api.errors import error_response, unhandled
@@ -18,6 +16,9 @@ from api.routes_transit import TransitRoutes
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
+
+    from starlette.requests import Request
+    from starlette.responses import Response
 
     from api.runtime import Runtime, SealControl
 

@@ -180,13 +180,18 @@ def _status_text(s: dict[str, Any]) -> str:
 
 def cmd_operator_init(args: argparse.Namespace) -> int:
     result = _client(args).call(
-        "PUT", "sys/init",
+        "PUT",
+        "sys/init",
         {"secret_shares": args.key_shares, "secret_threshold": args.key_threshold},
     )
     shares = "".join(f"Unseal Share {i}: {k}\n" for i, k in enumerate(result["keys"], 1))
-    _print(args, result, f"{shares}\nInitial Root Token: {result['root_token']}\n\n"
-           "Hand each share to one official; the service is sealed until "
-           f"{args.key_threshold} of them unseal it.")
+    _print(
+        args,
+        result,
+        f"{shares}\nInitial Root Token: {result['root_token']}\n\n"
+        "Hand each share to one official; the service is sealed until "
+        f"{args.key_threshold} of them unseal it.",
+    )
     return 0
 
 
@@ -231,8 +236,7 @@ def _key_text(data: dict[str, Any]) -> str:
 
 
 def cmd_key_create(args: argparse.Namespace) -> int:
-    body = {"type": args.type, "classification": args.classification,
-            "residency": args.residency}
+    body = {"type": args.type, "classification": args.classification, "residency": args.residency}
     result = _client(args).call("POST", f"transit/keys/{args.name}", body)
     _print(args, result, _key_text(result["data"]))
     return 0
@@ -279,7 +283,7 @@ def cmd_datakey(args: argparse.Namespace) -> int:
 # --- parser -------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement per flag
     parser = argparse.ArgumentParser(prog="ekms", description="Embassy KMS")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -295,8 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("-dev-shares", "--dev-shares", type=int, default=5)
     server.add_argument("-dev-threshold", "--dev-threshold", type=int, default=3)
     server.add_argument("-workers", "--workers", type=int, default=0)
-    server.add_argument("-log-level", "--log-level", default="warning",
-                        choices=("debug", "info", "warning", "error"))
+    server.add_argument(
+        "-log-level",
+        "--log-level",
+        default="warning",
+        choices=("debug", "info", "warning", "error"),
+    )
     server.set_defaults(func=cmd_server)
 
     operator = sub.add_parser("operator", help="init, unseal, seal, status").add_subparsers(
@@ -307,7 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("-key-threshold", "--key-threshold", type=int, default=3)
     init.set_defaults(func=cmd_operator_init)
     unseal = operator.add_parser("unseal", help="submit one share (prompts without echo)")
-    unseal.add_argument("key", nargs="?", help="the share (visible in shell history: prefer the prompt)")
+    unseal.add_argument(
+        "key", nargs="?", help="the share (visible in shell history: prefer the prompt)"
+    )
     unseal.add_argument("-file", "--file", help="read the share from a file")
     unseal.add_argument("-reset", "--reset", action="store_true", help="discard unseal progress")
     unseal.set_defaults(func=cmd_operator_unseal)
@@ -321,10 +331,15 @@ def build_parser() -> argparse.ArgumentParser:
     key = sub.add_parser("key", help="transit keys").add_subparsers(dest="action", required=True)
     create = key.add_parser("create")
     create.add_argument("name")
-    create.add_argument("-type", "--type", default="aes256-gcm96",
-                        choices=("aes256-gcm96", "ecdsa-p256", "ed25519"))
-    create.add_argument("-classification", "--classification", default="secret",
-                        choices=("public", "internal", "confidential", "secret"))
+    create.add_argument(
+        "-type", "--type", default="aes256-gcm96", choices=("aes256-gcm96", "ecdsa-p256", "ed25519")
+    )
+    create.add_argument(
+        "-classification",
+        "--classification",
+        default="secret",
+        choices=("public", "internal", "confidential", "secret"),
+    )
     create.add_argument("-residency", "--residency", default="hsm", choices=("hsm", "memory"))
     create.set_defaults(func=cmd_key_create)
     read = key.add_parser("read")
@@ -342,8 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     datakey.add_argument("name")
     datakey.add_argument("-context", "--context", default="", help="encryption context (text)")
     datakey.add_argument("-bits", "--bits", type=int, default=256, choices=(128, 256, 512))
-    datakey.add_argument("-wrapped", "--wrapped", action="store_true",
-                         help="return only the wrapped key")
+    datakey.add_argument(
+        "-wrapped", "--wrapped", action="store_true", help="return only the wrapped key"
+    )
     client_options(datakey)
     datakey.set_defaults(func=cmd_datakey)
     return parser

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import orjson
-from starlette.requests import Request
 from starlette.responses import Response
 
 from kms.errors import (
@@ -19,6 +19,9 @@ from kms.errors import (
     SealedError,
     StorageError,
 )
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
 
 log = logging.getLogger("ekms.api")
 

@@ -92,7 +92,9 @@ def json_response(status: int, payload: Any, request_id: str) -> Response:
     if status == 204:
         return Response(status_code=204, headers={"X-Request-Id": request_id})
     return Response(
-        orjson.dumps(payload), status_code=status, media_type=JSON,
+        orjson.dumps(payload),
+        status_code=status,
+        media_type=JSON,
         headers={"X-Request-Id": request_id},
     )
 

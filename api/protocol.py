@@ -41,9 +41,16 @@ class VaultHttpProtocol(HttpToolsProtocol):
         super().on_response_complete()
 
 
-def uvicorn_config(app: Any, *, sock_fd: int | None = None, host: str = "127.0.0.1",
-                   port: int = 8200, log_level: str = "warning",
-                   tls_cert_file: str = "", tls_key_file: str = "") -> uvicorn.Config:
+def uvicorn_config(
+    app: Any,
+    *,
+    sock_fd: int | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8200,
+    log_level: str = "warning",
+    tls_cert_file: str = "",
+    tls_key_file: str = "",
+) -> uvicorn.Config:
     """The one uvicorn configuration, shared by the workers and the tests' in-thread server."""
     return uvicorn.Config(
         app,

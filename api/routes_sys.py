@@ -57,7 +57,7 @@ def seal_status_body(status: SealStatus, storage: str) -> dict[str, Any]:
     return body
 
 
-def build_router(handler: Handler, seal: SealControl) -> APIRouter:
+def build_router(handler: Handler, seal: SealControl) -> APIRouter:  # noqa: C901 - one closure per path
     router = APIRouter(prefix="/v1/sys", tags=["sys"])
     runtime = handler.runtime
     storage = runtime.store._engine.dialect.name  # noqa: SLF001 - shown as Vault's storage_type
@@ -100,7 +100,8 @@ def build_router(handler: Handler, seal: SealControl) -> APIRouter:
         def work(call: Call, data: dict[str, Any]) -> tuple[int, Any]:
             body = parse_model(InitRequest, data)
             unsupported = [
-                name for name in ("pgp_keys", "root_token_pgp_key", "recovery_pgp_keys")
+                name
+                for name in ("pgp_keys", "root_token_pgp_key", "recovery_pgp_keys")
                 if getattr(body, name)
             ]
             if unsupported or body.recovery_shares or body.recovery_threshold:
@@ -118,7 +119,9 @@ def build_router(handler: Handler, seal: SealControl) -> APIRouter:
                 "root_token": result.root_token.token,
             }
 
-        return await handler.run(request, "sys.init", work, key_operation=False, authenticated=False)
+        return await handler.run(
+            request, "sys.init", work, key_operation=False, authenticated=False
+        )
 
     @router.api_route("/unseal", methods=["PUT", "POST"])
     async def unseal(request: Request) -> Response:
@@ -135,8 +138,11 @@ def build_router(handler: Handler, seal: SealControl) -> APIRouter:
                 if len(body.key) > 1024:
                     raise InvalidRequestError("share is too long to be a SLIP-39 mnemonic")
                 status = seal.submit(body.key)
-                call.details = {"member": status.member, "progress": status.progress,
-                                "unsealed": not status.sealed}
+                call.details = {
+                    "member": status.member,
+                    "progress": status.progress,
+                    "unsealed": not status.sealed,
+                }
             if not status.initialized:
                 raise NotInitializedError
             return 200, seal_status_body(status, storage)
@@ -151,9 +157,7 @@ def build_router(handler: Handler, seal: SealControl) -> APIRouter:
             seal.seal()
             return 204, None
 
-        return await handler.run(
-            request, "sys.seal", work, key_operation=False, root_only=True
-        )
+        return await handler.run(request, "sys.seal", work, key_operation=False, root_only=True)
 
     return router
 

@@ -7,7 +7,6 @@ status is 400 if any item failed unless ``partial_failure_response_code`` says o
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter
@@ -30,6 +29,8 @@ from kms.keys import (
 from kms.service import HashAlgorithm, Marshaling
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from kms.service import KeyService
 
 
@@ -97,8 +98,13 @@ class VerifyItem(Body):
 
 _BATCH_OPTIONS = {"batch_input", "partial_failure_response_code", "type", "convergent_encryption"}
 _SIGN_OPTIONS = {
-    "hash_algorithm", "prehashed", "marshaling_algorithm", "key_version", "signature_algorithm",
+    "hash_algorithm",
+    "prehashed",
+    "marshaling_algorithm",
+    "key_version",
+    "signature_algorithm",
     "salt_length",
+    "name",  # hvac repeats the key name in the body of verify
 }
 
 
@@ -170,7 +176,7 @@ class TransitRoutes:
         limit = self.handler.settings.max_batch_items
         if len(batch) > limit:
             raise InvalidRequestError(f"batch_input has {len(batch)} items; the limit is {limit}")
-        stray = sorted(set(data) & single_fields)
+        stray = sorted(k for k in set(data) & single_fields if data[k] not in (None, ""))
         if stray:
             raise InvalidRequestError(
                 f"field {stray[0]!r} must be inside batch_input items when batch_input is given"
@@ -250,8 +256,11 @@ class TransitRoutes:
                     return 200, envelope(call, key_json(existing), ["key already exists"])
                 policy = keys.create_key(name, key_type, classification, residency)
                 call.version = policy.latest_version
-                call.details = {"type": key_type.value, "classification": classification.value,
-                                "residency": residency.value}
+                call.details = {
+                    "type": key_type.value,
+                    "classification": classification.value,
+                    "residency": residency.value,
+                }
                 return 200, envelope(call, key_json(policy))
 
             return await run(request, "transit.key.create", work)
@@ -364,7 +373,9 @@ class TransitRoutes:
                     item = parse_model(RewrapItem, raw)
                     _reject_unsupported(item.nonce)
                     ciphertext, version = keys.rewrap(
-                        policy, item.ciphertext, self._context(call, item.context),
+                        policy,
+                        item.ciphertext,
+                        self._context(call, item.context),
                         item.key_version,
                     )
                     call.version = version

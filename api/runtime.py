@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from api.audit_writer import AuditWriter
-from api.settings import Settings, prepare_softhsm_environment, softhsm_conf_path
+from api.settings import ConfigError, Settings, prepare_softhsm_environment, softhsm_conf_path
 from hsm.pkcs11_backend import Pkcs11Backend
 from hsm.softhsm import TransportPinProvisioner, create_token, find_module, write_config
 from kms.ports import SystemClock, SystemRandom
@@ -101,8 +101,6 @@ def prepare_hsm(settings: Settings) -> str:
             store.dispose()
         return module
     if not settings.pkcs11_module:
-        from api.settings import ConfigError
-
         raise ConfigError("pkcs11_module is required when softhsm = false")
     return settings.pkcs11_module
 
@@ -123,7 +121,7 @@ def create_runtime(
         transport_file=Path(settings.transport_pin_file),
         manage_so_pin=settings.manage_so_pin,
     )
-    runtime = Runtime(
+    return Runtime(
         settings=settings,
         store=store,
         backend=backend,
@@ -134,7 +132,6 @@ def create_runtime(
         clock=clock,
         random=random,
     )
-    return runtime
 
 
 def local_seal_control(runtime: Runtime) -> Custodian:

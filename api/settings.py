@@ -27,7 +27,7 @@ class Settings:
     data_dir: Path
     database_url: str = ""
     pkcs11_module: str = ""
-    token_label: str = "ekms"
+    token_label: str = "ekms"  # noqa: S105 - a token label, not a secret
     softhsm: bool = True  # manage a SoftHSM token under data_dir (development, rehearsal, tests)
     softhsm_dir: str = ""  # where SoftHSM keeps its config and tokens; default data_dir/softhsm
     transport_pin_file: str = ""

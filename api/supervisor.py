@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from api.runtime import create_runtime, prepare_hsm
-from api.settings import Settings
 from kms.derivation import RootKeys, wipe
 from kms.errors import (
     BackendError,
@@ -39,13 +38,21 @@ if TYPE_CHECKING:
     from multiprocessing.connection import Connection
     from multiprocessing.process import BaseProcess
 
+    from api.settings import Settings
+
 log = logging.getLogger("ekms.supervisor")
 _SPAWN = multiprocessing.get_context("spawn")
 _ACK_TIMEOUT = 60.0
 _ERRORS: dict[str, type[EkmsError]] = {
     cls.__name__: cls
-    for cls in (InvalidShareError, ConflictError, NotInitializedError, InvalidRequestError,
-                BackendError, StorageError)
+    for cls in (
+        InvalidShareError,
+        ConflictError,
+        NotInitializedError,
+        InvalidRequestError,
+        BackendError,
+        StorageError,
+    )
 }
 
 
@@ -151,8 +158,9 @@ class Supervisor:
     def _restart_dead(self, sock: socket.socket) -> None:
         for position, worker in enumerate(self._workers):
             if not worker.process.is_alive() and not self._stopping.is_set():
-                log.error("worker %d exited with %s; restarting", worker.index,
-                          worker.process.exitcode)
+                log.error(
+                    "worker %d exited with %s; restarting", worker.index, worker.process.exitcode
+                )
                 time.sleep(0.5)
                 self._workers[position] = self._spawn(worker.index, sock)
 
@@ -164,7 +172,9 @@ class Supervisor:
             failures = [w.index for w in self._workers if not self._send_open(w, keys)]
             if failures:
                 self._close_locked()
-                raise BackendError(f"worker(s) {failures} could not open the HSM; node stays sealed")
+                raise BackendError(
+                    f"worker(s) {failures} could not open the HSM; node stays sealed"
+                )
 
     def _close_all(self) -> None:
         with self._broadcast_lock:

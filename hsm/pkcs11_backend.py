@@ -9,13 +9,15 @@ when it notices a new pid.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
 from typing import TYPE_CHECKING, Any
 
 import pkcs11
-from pkcs11 import Attribute, KeyType as P11KeyType, Mechanism, ObjectClass
+from pkcs11 import Attribute, Mechanism, ObjectClass
+from pkcs11 import KeyType as P11KeyType
 from pkcs11.exceptions import (
     GeneralError,
     NoSuchKey,
@@ -99,10 +101,9 @@ class Pkcs11Backend:
             session, self._session = self._session, None
             self._objects.clear()
             if session is not None:
-                try:
+                # The token may already be gone; the session is forgotten either way.
+                with contextlib.suppress(PKCS11Error):
                     session.close()
-                except PKCS11Error:
-                    pass  # the token may already be gone; the session is forgotten either way
 
     def _require(self) -> Any:
         session = self._session
@@ -128,7 +129,11 @@ class Pkcs11Backend:
             try:
                 if key_type is KeyType.AES256_GCM96:
                     session.generate_key(
-                        P11KeyType.AES, 256, id=handle, label=label, store=True,
+                        P11KeyType.AES,
+                        256,
+                        id=handle,
+                        label=label,
+                        store=True,
                         template=SECRET_KEY,
                     )
                     return None
@@ -139,17 +144,23 @@ class Pkcs11Backend:
                         local=True,
                     )
                     public, _ = params.generate_keypair(
-                        id=handle, label=label, store=True,
-                        public_template=PUBLIC_VERIFY_KEY, private_template=PRIVATE_SIGNING_KEY,
+                        id=handle,
+                        label=label,
+                        store=True,
+                        public_template=PUBLIC_VERIFY_KEY,
+                        private_template=PRIVATE_SIGNING_KEY,
                     )
                     return bytes(encode_ec_public_key(public))
                 params = session.create_domain_parameters(
                     P11KeyType.EC_EDWARDS, {Attribute.EC_PARAMS: _ED25519_OID_DER}, local=True
                 )
                 public, _ = params.generate_keypair(
-                    id=handle, label=label, store=True,
+                    id=handle,
+                    label=label,
+                    store=True,
                     mechanism=Mechanism.EC_EDWARDS_KEY_PAIR_GEN,
-                    public_template=PUBLIC_VERIFY_KEY, private_template=PRIVATE_SIGNING_KEY,
+                    public_template=PUBLIC_VERIFY_KEY,
+                    private_template=PRIVATE_SIGNING_KEY,
                 )
                 point = bytes(public[Attribute.EC_POINT])
                 return _ED25519_SPKI_PREFIX + _ed25519_point(point)
@@ -219,9 +230,11 @@ class Pkcs11Backend:
 
 
 def _iter_objects(session: Any) -> Iterator[Any]:
-    return iter(list(session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY}))
-                + list(session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY}))
-                + list(session.get_objects({Attribute.CLASS: ObjectClass.PUBLIC_KEY})))
+    return iter(
+        list(session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY}))
+        + list(session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY}))
+        + list(session.get_objects({Attribute.CLASS: ObjectClass.PUBLIC_KEY}))
+    )
 
 
 def _ed25519_point(point: bytes) -> bytes:

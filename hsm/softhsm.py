@@ -74,12 +74,26 @@ def create_token(label: str, transport_file: Path, module: str | None = None) ->
     pins = TransportPins(so_pin=secrets.token_hex(16), user_pin=secrets.token_hex(16))
     # Transport PINs are throwaway: init replaces them before any key exists.
     result = subprocess.run(  # noqa: S603
-        [util, "--init-token", "--free", "--label", label,
-         "--so-pin", pins.so_pin, "--pin", pins.user_pin],
-        capture_output=True, text=True, check=False, timeout=60,
+        [
+            util,
+            "--init-token",
+            "--free",
+            "--label",
+            label,
+            "--so-pin",
+            pins.so_pin,
+            "--pin",
+            pins.user_pin,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
     )
     if result.returncode != 0:
-        raise BackendError(f"softhsm2-util could not create token {label!r}: {result.stderr.strip()}")
+        raise BackendError(
+            f"softhsm2-util could not create token {label!r}: {result.stderr.strip()}"
+        )
     fd = os.open(transport_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as out:
         json.dump({"so_pin": pins.so_pin, "user_pin": pins.user_pin}, out)

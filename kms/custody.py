@@ -88,7 +88,7 @@ def validate_quorum(threshold: int, shares: int) -> None:
 def split_secret(
     secret: bytes | bytearray, threshold: int, shares: int, *, now: float
 ) -> tuple[list[str], ShareSetDescriptor]:
-    """Split the root secret into ``shares`` SLIP-39 mnemonics, any ``threshold`` of which unseal."""
+    """Split the root secret into ``shares`` mnemonics, any ``threshold`` of which unseal."""
     validate_quorum(threshold, shares)
     if len(secret) != ROOT_SECRET_BYTES:
         raise ValueError("root secret must be 32 bytes")

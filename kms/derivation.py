@@ -57,7 +57,8 @@ class RootKeys:
 
     @classmethod
     def derive(cls, secret: bytes | bytearray) -> RootKeys:
-        return cls(*(hkdf(secret, label) for label in _LABELS))
+        pin, so_pin, barrier, domain, audit = (hkdf(secret, label) for label in _LABELS)
+        return cls(pin, so_pin, barrier, domain, audit)
 
     def pin_text(self, pin: bytearray) -> str:
         """PKCS#11 PINs must be printable; hex keeps all 256 bits."""
@@ -74,7 +75,10 @@ class RootKeys:
     def from_bytes(cls, blob: bytes | bytearray) -> RootKeys:
         if len(blob) != 32 * len(_LABELS):
             raise ValueError("root key blob has the wrong length")
-        return cls(*(bytearray(blob[i * 32 : (i + 1) * 32]) for i in range(len(_LABELS))))
+        pin, so_pin, barrier, domain, audit = (
+            bytearray(blob[i * 32 : (i + 1) * 32]) for i in range(len(_LABELS))
+        )
+        return cls(pin, so_pin, barrier, domain, audit)
 
     def _parts(self) -> tuple[bytearray, ...]:
         return (

@@ -12,7 +12,7 @@ import binascii
 import re
 import struct
 from dataclasses import dataclass, field, replace
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import TypeVar
 
 from kms.errors import InvalidCiphertextError, InvalidRequestError
@@ -26,7 +26,7 @@ _WORKING_KEY_DOMAIN = b"embassy-kms/working-key/v1"
 _E = TypeVar("_E", bound=Enum)
 
 
-class KeyType(str, Enum):
+class KeyType(StrEnum):
     AES256_GCM96 = "aes256-gcm96"
     ECDSA_P256 = "ecdsa-p256"
     ED25519 = "ed25519"
@@ -36,16 +36,16 @@ class KeyType(str, Enum):
         return self is KeyType.AES256_GCM96
 
 
-class Classification(str, Enum):
+class Classification(StrEnum):
     """Sensitivity of the data a key protects; decides where it may be restored (later issues)."""
 
     PUBLIC = "public"
     INTERNAL = "internal"
     CONFIDENTIAL = "confidential"
-    SECRET = "secret"
+    SECRET = "secret"  # noqa: S105 - a classification level, not a secret
 
 
-class Residency(str, Enum):
+class Residency(StrEnum):
     """Where a symmetric key version's operations run.
 
     ``hsm`` (default): every wrap and unwrap is a PKCS#11 call; key bytes never leave the HSM.
@@ -58,7 +58,7 @@ class Residency(str, Enum):
     MEMORY = "memory"
 
 
-class VersionState(str, Enum):
+class VersionState(StrEnum):
     PENDING = "pending"  # registry row written, HSM object may not exist yet
     ACTIVE = "active"
     DELETING = "deleting"  # registry says destroy; the HSM object may still exist
@@ -155,7 +155,9 @@ def transit_aad(name: str, version: int, context: bytes) -> bytes:
 
 def working_key_aad(name: str, version: int) -> bytes:
     encoded = name.encode()
-    return _WORKING_KEY_DOMAIN + struct.pack(">H", len(encoded)) + encoded + struct.pack(">I", version)
+    return (
+        _WORKING_KEY_DOMAIN + struct.pack(">H", len(encoded)) + encoded + struct.pack(">I", version)
+    )
 
 
 def format_ciphertext(version: int, nonce: bytes, sealed: bytes) -> str:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+
     from kms.audit import AuditRecord
     from kms.custody import ShareSetDescriptor
     from kms.keys import KeyPolicy, KeyType, KeyVersion

@@ -9,7 +9,6 @@ process and a supervisor that broadcasts to workers.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -20,6 +19,8 @@ from kms.errors import ConflictError, InvalidRequestError, NotInitializedError, 
 from kms.tokens import IssuedToken, issue_token
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from kms.ports import Clock, CustodyStore, KeyBackend, RandomSource
 
 DEFAULT_UNSEAL_TIMEOUT = 600.0
@@ -77,9 +78,7 @@ def initialise(
     keys = RootKeys.derive(secret)
     try:
         mnemonics, descriptor = split_secret(secret, threshold, shares, now=now)
-        provisioner.take_ownership(
-            keys.pin_text(keys.hsm_user_pin), keys.pin_text(keys.hsm_so_pin)
-        )
+        provisioner.take_ownership(keys.pin_text(keys.hsm_user_pin), keys.pin_text(keys.hsm_so_pin))
         token = issue_token(random, root_token)
         store.complete_initialisation(descriptor, token.token_hash, token.token_id)
     except BaseException:

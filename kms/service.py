@@ -11,10 +11,12 @@ older backup: ``reconcile`` reports it and never destroys it, since data may dep
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import threading
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
@@ -29,7 +31,6 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from kms.derivation import wipe
 from kms.errors import (
-    ConflictError,
     InvalidCiphertextError,
     InvalidRequestError,
     NotFoundError,
@@ -57,7 +58,7 @@ DEFAULT_PENDING_GRACE = 120.0
 _SIGNATURE_PREFIX = "ekms:v"
 
 
-class HashAlgorithm(str, Enum):
+class HashAlgorithm(StrEnum):
     SHA2_256 = "sha2-256"
     SHA2_384 = "sha2-384"
     SHA2_512 = "sha2-512"
@@ -67,12 +68,14 @@ class HashAlgorithm(str, Enum):
 
     @property
     def primitive(self) -> hashes.HashAlgorithm:
-        return {"sha2-256": hashes.SHA256(), "sha2-384": hashes.SHA384(), "sha2-512": hashes.SHA512()}[
-            self.value
-        ]
+        return {
+            "sha2-256": hashes.SHA256(),
+            "sha2-384": hashes.SHA384(),
+            "sha2-512": hashes.SHA512(),
+        }[self.value]
 
 
-class Marshaling(str, Enum):
+class Marshaling(StrEnum):
     ASN1 = "asn1"
     JWS = "jws"
 
@@ -428,17 +431,12 @@ def raw_from_der(der: bytes) -> bytes:
 
 
 def _b64(data: bytes, *, urlsafe: bool) -> str:
-    import base64
-
     if urlsafe:
         return base64.urlsafe_b64encode(data).decode().rstrip("=")
     return base64.b64encode(data).decode()
 
 
 def _parse_signature(text: object, *, urlsafe: bool) -> tuple[int, bytes]:
-    import base64
-    import binascii
-
     if not isinstance(text, str) or not text.startswith(_SIGNATURE_PREFIX):
         raise InvalidRequestError("signature is not in the form ekms:v<version>:<base64>")
     head, _, body = text[len(_SIGNATURE_PREFIX) :].partition(":")

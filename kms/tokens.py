@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from kms.ports import RandomSource
 
-TOKEN_PREFIX = "ekms."
+TOKEN_PREFIX = "ekms."  # noqa: S105 - a prefix, not a secret
 ROOT_POLICY = "root"
 
 

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from alembic import command
@@ -17,11 +16,15 @@ from alembic.config import Config
 from sqlalchemy import Engine, create_engine, delete, event, insert, select, text, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from kms.audit import AuditRecord
 from kms.custody import ShareSetDescriptor
 from kms.errors import ConflictError, StorageError
 from kms.keys import Classification, KeyPolicy, KeyType, KeyVersion, Residency, VersionState
 from storage.schema import audit_log, key_versions, meta, tokens, transit_keys
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+
+    from kms.audit import AuditRecord
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
 _PG_MIGRATION_LOCK = 0x656B6D73  # "ekms": one migrator at a time across nodes

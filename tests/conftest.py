@@ -12,13 +12,15 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Self
 
 import pytest
 
 _SOFTHSM_DIR = Path(tempfile.mkdtemp(prefix="ekms-test-softhsm-"))
 os.environ["SOFTHSM2_CONF"] = str(_SOFTHSM_DIR / "softhsm2.conf")
+
+from typing import TYPE_CHECKING  # noqa: E402
 
 from api.app import create_app  # noqa: E402
 from api.protocol import uvicorn_config  # noqa: E402
@@ -26,6 +28,9 @@ from api.runtime import Runtime, create_runtime, local_seal_control, prepare_hsm
 from api.settings import Settings  # noqa: E402
 from hsm.softhsm import write_config  # noqa: E402
 from tests.support.postgres import PostgresServer  # noqa: E402
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 write_config(_SOFTHSM_DIR)
 
@@ -91,7 +96,7 @@ class ServerThread:
             target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
         )
 
-    def __enter__(self) -> ServerThread:
+    def __enter__(self) -> Self:
         self.thread.start()
         deadline = time.monotonic() + 20
         while not self.server.started:

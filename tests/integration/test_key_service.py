@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -18,8 +17,13 @@ from kms.errors import (
     SealedError,
 )
 from kms.keys import Classification, KeyType, Residency, VersionState
-from kms.seal import InitResult
 from tests.conftest import make_settings
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
+
+    from kms.seal import InitResult
 
 
 @pytest.fixture
@@ -181,7 +185,9 @@ def test_creation_failure_in_the_hsm_leaves_no_row(opened: tuple[Runtime, InitRe
     assert "half" not in rt.store.list_names()
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(plaintext=st.binary(max_size=2048), context=st.binary(max_size=64))
 def test_wrap_unwrap_round_trip(
     opened: tuple[Runtime, InitResult], plaintext: bytes, context: bytes

@@ -35,8 +35,16 @@ def share_set() -> tuple[list[str], ShareSetDescriptor]:
 
 @pytest.mark.parametrize(
     ("threshold", "shares", "ok"),
-    [(3, 5, True), (2, 2, True), (16, 16, True), (1, 1, True), (1, 3, False), (4, 3, False),
-     (2, 17, False), (0, 0, False)],
+    [
+        (3, 5, True),
+        (2, 2, True),
+        (16, 16, True),
+        (1, 1, True),
+        (1, 3, False),
+        (4, 3, False),
+        (2, 17, False),
+        (0, 0, False),
+    ],
 )
 def test_quorum_bounds(threshold: int, shares: int, ok: bool) -> None:
     if ok:
@@ -69,8 +77,10 @@ def test_two_shares_do_not_unseal(share_set: tuple[list[str], ShareSetDescriptor
     [
         (lambda m: " ".join(m.split()[:-1]), "words"),
         (lambda m: m.replace(m.split()[5], "zzzz", 1), "word 6"),
-        (lambda m: " ".join(m.split()[:10] + [m.split()[11], m.split()[10]] + m.split()[12:]),
-         "checksum"),
+        (
+            lambda m: " ".join([*m.split()[:10], m.split()[11], m.split()[10], *m.split()[12:]]),
+            "checksum",
+        ),
         (lambda _m: "", "0 words"),
     ],
 )

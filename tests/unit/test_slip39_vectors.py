@@ -14,8 +14,9 @@ from kms.errors import InvalidShareError
 VECTORS = json.loads((Path(__file__).parents[1] / "vectors" / "slip39_vectors.json").read_text())
 
 
-@pytest.mark.parametrize(("description", "mnemonics", "secret", "_xprv"), VECTORS,
-                         ids=[v[0][:60] for v in VECTORS])
+@pytest.mark.parametrize(
+    ("description", "mnemonics", "secret", "_xprv"), VECTORS, ids=[v[0][:60] for v in VECTORS]
+)
 def test_vector(description: str, mnemonics: list[str], secret: str, _xprv: str) -> None:
     if secret:
         assert recover_secret(mnemonics, b"TREZOR").hex() == secret, description

@@ -1,0 +1,202 @@
+"""The real ``ekms server`` with two worker processes: unseal and seal reach every worker, a
+restart comes up sealed and decrypts what was wrapped before it, and the CLI drives it."""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import hvac
+import hvac.exceptions
+import pytest
+import requests
+
+from tests.support.ports import free_port
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).parents[2]
+
+
+class ServerProcess:
+    def __init__(self, config: Path, port: int, log: Path) -> None:
+        self.config, self.port, self.log = config, port, log
+        self.url = f"http://127.0.0.1:{port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ServerProcess:
+        env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "api.cli", "server", "-config", str(self.config)],
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                code = requests.get(f"{self.url}/v1/sys/health", timeout=2).status_code
+                if code in (200, 501, 503):
+                    return self
+            except requests.ConnectionError:
+                pass
+            assert self.process.poll() is None, self.log.read_text()[-3000:]
+            time.sleep(0.1)
+        raise AssertionError("server did not start: " + self.log.read_text()[-3000:])
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+@pytest.fixture
+def server_config(tmp_path: Path) -> tuple[Path, int]:
+    port = free_port()
+    config = tmp_path / "ekms.toml"
+    config.write_text(
+        f'data_dir = "{tmp_path / "data"}"\nlisten = "127.0.0.1:{port}"\nworkers = 2\n'
+        'node_name = "home-1"\n'
+    )
+    (tmp_path / "data").mkdir()
+    return config, port
+
+
+@pytest.fixture
+def ekms(server_config: tuple[Path, int], tmp_path: Path) -> Iterator[ServerProcess]:
+    config, port = server_config
+    server = ServerProcess(config, port, tmp_path / "server.log").start()
+    yield server
+    server.stop()
+
+
+def cli(
+    server: ServerProcess, *args: str, token: str | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "VAULT_ADDR": server.url}
+    if token:
+        env["VAULT_TOKEN"] = token
+    return subprocess.run(
+        [sys.executable, "-m", "api.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        input=stdin,
+        check=False,
+    )
+
+
+def test_restart_unseal_with_another_subset_and_decrypt(
+    ekms: ServerProcess, tmp_path: Path
+) -> None:
+    client = hvac.Client(url=ekms.url)
+    assert requests.get(f"{ekms.url}/v1/sys/health", timeout=5).status_code == 501
+    init = client.sys.initialize(secret_shares=5, secret_threshold=3)
+    client.token, shares = init["root_token"], init["keys"]
+    client.sys.submit_unseal_keys(shares[:3])
+    client.secrets.transit.create_key("registry")
+    context = base64.b64encode(b"dataset=land-register").decode()
+    wrapped = [
+        client.secrets.transit.generate_data_key("registry", "plaintext", context=context)["data"]
+        for _ in range(12)  # spread over both workers
+    ]
+    status = cli(ekms, "operator", "status")
+    assert status.returncode == 0, status.stderr
+    assert "Sealed          false" in status.stdout
+    listing = cli(ekms, "key", "list", token=client.token)
+    assert listing.stdout.split() == ["registry"]
+    client.adapter.close()
+
+    ekms.stop()
+    ekms.start()
+    client = hvac.Client(url=ekms.url, token=init["root_token"])
+    assert client.sys.is_sealed()
+    for _ in range(6):
+        with pytest.raises(hvac.exceptions.VaultDown):
+            client.secrets.transit.read_key("registry")
+    for index, share in enumerate(shares[2:]):
+        share_file = tmp_path / f"share-{index}.txt"
+        share_file.write_text(share + "\n")
+        result = cli(ekms, "operator", "unseal", "--file", str(share_file))
+        assert result.returncode == 0, result.stderr
+    assert "Sealed          false" in result.stdout
+    for item in wrapped:
+        out = client.secrets.transit.decrypt_data(
+            "registry", ciphertext=item["ciphertext"], context=context
+        )
+        assert out["data"]["plaintext"] == item["plaintext"]
+
+    client.sys.seal()
+    for _ in range(8):  # every worker is sealed, not just the one that took the request
+        with pytest.raises(hvac.exceptions.VaultDown):
+            client.secrets.transit.decrypt_data(
+                "registry", ciphertext=wrapped[0]["ciphertext"], context=context
+            )
+    client.adapter.close()
+    assert "Traceback" not in (tmp_path / "server.log").read_text()
+
+
+def test_cli_errors_are_one_clear_line(ekms: ServerProcess) -> None:
+    result = cli(ekms, "operator", "unseal", "no such share")
+    assert result.returncode == 2
+    assert result.stderr.startswith("Error: ")
+    assert "Traceback" not in result.stderr
+    result = cli(ekms, "operator", "unseal", stdin="")
+    assert result.returncode == 2
+    assert "no share given" in result.stderr
+    result = cli(ekms, "key", "create", "x", token="ekms.nope")
+    assert result.returncode == 2
+    assert "permission denied" in result.stderr or "sealed" in result.stderr
+    unreachable = subprocess.run(
+        [sys.executable, "-m", "api.cli", "operator", "status", "-address", "http://127.0.0.1:9"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert unreachable.returncode == 2
+    assert "cannot reach" in unreachable.stderr
+
+
+def test_bad_config_is_refused_with_a_clear_message(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text(f'data_dir = "{tmp_path}"\nlisten = "0.0.0.0:8200"\nwokers = 2\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "api.cli", "server", "-config", str(config)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "unknown setting(s): wokers" in result.stderr
+    config.write_text(f'data_dir = "{tmp_path}"\nlisten = "0.0.0.0:8200"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "api.cli", "server", "-config", str(config)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "tls_disable" in result.stderr
