@@ -203,6 +203,8 @@ def cmd_operator_unseal(args: argparse.Namespace) -> int:
         return 0
     if args.key:
         share = args.key
+    elif args.file == "-":
+        share = sys.stdin.readline().strip()
     elif args.file:
         try:
             share = Path(args.file).read_text().strip()
@@ -318,7 +320,9 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement 
     unseal.add_argument(
         "key", nargs="?", help="the share (visible in shell history: prefer the prompt)"
     )
-    unseal.add_argument("-file", "--file", help="read the share from a file")
+    unseal.add_argument(
+        "-file", "--file", help="read the share from a file ('-': one line from stdin)"
+    )
     unseal.add_argument("-reset", "--reset", action="store_true", help="discard unseal progress")
     unseal.set_defaults(func=cmd_operator_unseal)
     seal = operator.add_parser("seal", help="seal the node")

@@ -62,7 +62,7 @@ def build_router(handler: Handler, seal: SealControl) -> APIRouter:  # noqa: C90
     runtime = handler.runtime
     storage = runtime.store._engine.dialect.name  # noqa: SLF001 - shown as Vault's storage_type
 
-    @router.get("/health")
+    @router.api_route("/health", methods=["GET", "HEAD"])
     async def health(request: Request) -> Response:
         status = seal.status()
         q = request.query_params

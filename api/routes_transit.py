@@ -177,6 +177,9 @@ class TransitRoutes:
         if len(batch) > limit:
             raise InvalidRequestError(f"batch_input has {len(batch)} items; the limit is {limit}")
         stray = sorted(k for k in set(data) & single_fields if data[k] not in (None, ""))
+        unknown = sorted(set(data) - single_fields - _BATCH_OPTIONS - {"reference"})
+        if unknown:
+            raise InvalidRequestError(f"unknown field {unknown[0]!r}")
         if stray:
             raise InvalidRequestError(
                 f"field {stray[0]!r} must be inside batch_input items when batch_input is given"
@@ -232,7 +235,7 @@ class TransitRoutes:
         run = self.handler.run
         keys = self.keys
 
-        @router.post("/keys/{name}")
+        @router.api_route("/keys/{name}", methods=["POST", "PUT"])
         async def create_key(request: Request, name: str) -> Response:
             def work(call: Call, data: dict[str, Any]) -> tuple[int, Any]:
                 call.key = validate_key_name(name)
@@ -285,7 +288,7 @@ class TransitRoutes:
 
             return await run(request, "transit.key.list", work, body=False)
 
-        @router.post("/keys/{name}/rotate")
+        @router.api_route("/keys/{name}/rotate", methods=["POST", "PUT"])
         async def rotate_key(request: Request, name: str) -> Response:
             def work(call: Call, _data: dict[str, Any]) -> tuple[int, Any]:
                 call.key = name
@@ -295,7 +298,7 @@ class TransitRoutes:
 
             return await run(request, "transit.key.rotate", work)
 
-        @router.post("/keys/{name}/config")
+        @router.api_route("/keys/{name}/config", methods=["POST", "PUT"])
         async def configure_key(request: Request, name: str) -> Response:
             def work(call: Call, data: dict[str, Any]) -> tuple[int, Any]:
                 call.key = name
@@ -324,7 +327,7 @@ class TransitRoutes:
 
             return await run(request, "transit.key.delete", work, body=False)
 
-        @router.post("/encrypt/{name}")
+        @router.api_route("/encrypt/{name}", methods=["POST", "PUT"])
         async def encrypt(request: Request, name: str) -> Response:
             def work(call: Call, data: dict[str, Any]) -> tuple[int, Any]:
                 call.key = name
@@ -344,7 +347,7 @@ class TransitRoutes:
 
             return await run(request, "transit.encrypt", work)
 
-        @router.post("/decrypt/{name}")
+        @router.api_route("/decrypt/{name}", methods=["POST", "PUT"])
         async def decrypt(request: Request, name: str) -> Response:
             def work(call: Call, data: dict[str, Any]) -> tuple[int, Any]:
                 call.key = name
@@ -363,7 +366,7 @@ class TransitRoutes:
 
             return await run(request, "transit.decrypt", work)
 
-        @router.post("/rewrap/{name}")
+        @router.api_route("/rewrap/{name}", methods=["POST", "PUT"])
         async def rewrap(request: Request, name: str) -> Response:
             def work(call: Call, data: dict[str, Any]) -> tuple[int, Any]:
                 call.key = name
@@ -385,7 +388,7 @@ class TransitRoutes:
 
             return await run(request, "transit.rewrap", work)
 
-        @router.post("/datakey/{kind}/{name}")
+        @router.api_route("/datakey/{kind}/{name}", methods=["POST", "PUT"])
         async def datakey(request: Request, kind: str, name: str) -> Response:
             def work(call: Call, data: dict[str, Any]) -> tuple[int, Any]:
                 call.key = name
@@ -441,19 +444,19 @@ class TransitRoutes:
 
             return await run(request, "transit.verify", work)
 
-        @router.post("/sign/{name}")
+        @router.api_route("/sign/{name}", methods=["POST", "PUT"])
         async def sign(request: Request, name: str) -> Response:
             return await sign_route(request, name, None)
 
-        @router.post("/sign/{name}/{algorithm}")
+        @router.api_route("/sign/{name}/{algorithm}", methods=["POST", "PUT"])
         async def sign_with(request: Request, name: str, algorithm: str) -> Response:
             return await sign_route(request, name, algorithm)
 
-        @router.post("/verify/{name}")
+        @router.api_route("/verify/{name}", methods=["POST", "PUT"])
         async def verify(request: Request, name: str) -> Response:
             return await verify_route(request, name, None)
 
-        @router.post("/verify/{name}/{algorithm}")
+        @router.api_route("/verify/{name}/{algorithm}", methods=["POST", "PUT"])
         async def verify_with(request: Request, name: str, algorithm: str) -> Response:
             return await verify_route(request, name, algorithm)
 

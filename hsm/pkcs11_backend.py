@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import os
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 import pkcs11
@@ -41,6 +42,7 @@ _LIB_PID: dict[str, int] = {}
 _ED25519_OID_DER = bytes.fromhex("06032b6570")  # OBJECT IDENTIFIER 1.3.101.112
 _ED25519_SPKI_PREFIX = bytes.fromhex("302a300506032b6570032100")
 LABEL_PREFIX = "ekms/"
+_LOOKUP_RETRY_DELAYS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 
 def load_library(module: str) -> Any:
@@ -116,12 +118,17 @@ class Pkcs11Backend:
         if cached is not None:
             return cached
         session = self._require()
-        try:
-            obj = session.get_key(object_class=object_class, id=handle)
-        except NoSuchKey as exc:
-            raise BackendError("key object missing from the HSM") from exc
-        self._objects[handle] = obj
-        return obj
+        # SoftHSM in another process notices a token change only after a moment: a key that a
+        # sibling worker has just made may be missing on the first look. Look again, briefly.
+        for delay in _LOOKUP_RETRY_DELAYS:
+            try:
+                obj = session.get_key(object_class=object_class, id=handle)
+            except NoSuchKey:
+                time.sleep(delay)
+                continue
+            self._objects[handle] = obj
+            return obj
+        raise BackendError("key object missing from the HSM")
 
     def generate(self, key_type: KeyType, handle: bytes, label: str) -> bytes | None:
         with _LIB_LOCK:

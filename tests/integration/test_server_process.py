@@ -163,6 +163,9 @@ def test_cli_errors_are_one_clear_line(ekms: ServerProcess) -> None:
     assert result.returncode == 2
     assert result.stderr.startswith("Error: ")
     assert "Traceback" not in result.stderr
+    result = cli(ekms, "operator", "unseal", "--file", "-", stdin="not a share either\n")
+    assert result.returncode == 2
+    assert result.stderr.startswith("Error: ")  # the share was read from stdin and sent
     result = cli(ekms, "operator", "unseal", stdin="")
     assert result.returncode == 2
     assert "no share given" in result.stderr

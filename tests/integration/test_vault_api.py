@@ -57,6 +57,7 @@ def test_init_and_unseal_with_several_subsets(
     assert vault.sys.is_initialized()
     assert vault.sys.read_seal_status()["sealed"] is True
     assert vault.sys.read_health_status(method="GET").status_code == 503
+    assert vault.sys.read_health_status().status_code == 503  # hvac's default is HEAD
     for subset in list(itertools.combinations(range(5), 3))[::3]:
         progress = [vault.sys.submit_unseal_key(shares[i]) for i in subset]
         assert [p["progress"] for p in progress[:2]] == [1, 2]
@@ -227,6 +228,7 @@ BAD_REQUESTS = [
     ("POST", "transit/keys/ok/config", b'{"deletion_allowed": "maybe"}', 400, "deletion_allowed"),
     ("POST", "transit/sign/ok", b'{"input": ""}', 400, "does not support signing"),
     ("GET", "transit/keys", b"", 405, "LIST"),
+    ("POST", "transit/decrypt/ok", b'{"batch_input": [{}], "colour": 1}', 400, "'colour'"),
     ("GET", "transit/nowhere", b"", 404, "unsupported path"),
 ]
 
@@ -286,6 +288,8 @@ def test_tokens_and_audit(unsealed: tuple[hvac.Client, list[str]], server: Serve
         assert response.status_code == 403
         assert response.json()["errors"] == ["permission denied"]
         assert response.json()["request_id"]
+    put = raw(server, "PUT", "transit/keys/via-put", token=root, json={})
+    assert put.status_code == 200  # the bao CLI writes with PUT
     response = raw(server, "PUT", "sys/seal", "ekms.wrong")
     assert response.status_code == 403
     context = b64(b"secret-context-value")
