@@ -27,6 +27,7 @@ import ipaddress
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import socket
@@ -37,7 +38,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +65,13 @@ EKMS_COMMAND: tuple[str, ...] = (
     "-workers",
     "{workers}",
 )
+# Keys created on Embassy KMS, by name. `bench` takes the defaults (classification
+# secret, residency hsm). ADR 0003 refuses memory residency for `secret`, the default
+# classification, so `bench-mem` names the highest level that allows it.
+EKMS_KEYS: dict[str, dict[str, str]] = {
+    "bench": {"type": "aes256-gcm96"},
+    "bench-mem": {"type": "aes256-gcm96", "residency": "memory", "classification": "confidential"},
+}
 DEV_ROOT_TOKEN = "root"  # noqa: S105 - the dev servers' fixed, loopback-only root token
 
 LOOPBACK = "127.0.0.1"
@@ -83,6 +91,14 @@ LOG_TAIL_CHARS = 4000
 
 # (threads, connections) for each concurrency level. wrk needs threads <= connections.
 LOAD_LEVELS: tuple[tuple[int, int], ...] = ((1, 1), (2, 16))
+
+# Share of the machine's CPU used by processes other than the servers, wrk and this
+# harness during a run, above which the run is marked unreliable. Other sessions may be
+# running test suites on the same 2 cores; that once cut OpenBao's figures by 4x.
+OTHER_CPU_MAX = 0.10
+IDLE_SAMPLE_S = 1.0
+QUIET_SAMPLE_S = 0.5  # before each run, how long to look for foreign load
+QUIET_WAIT_MAX_S = 60.0  # how long to wait for the machine to quieten before running anyway
 
 # The targets the issue sets for Embassy KMS relative to OpenBao.
 SINGLE_RPS_RATIO_MIN = 0.7
@@ -135,6 +151,7 @@ class WrkStats:
     socket_errors: int  # connect, read, write and timeout errors
     p50_us: int
     p99_us: int
+    other_cpu: float | None = None  # share of all CPUs used by foreign processes
 
     @property
     def rps(self) -> float:
@@ -158,6 +175,7 @@ class Row:
     stats: WrkStats  # the median run
     errors: int  # over all runs
     runs_rps: list[float]
+    runs_other_cpu: list[float]
     rps_ratio: float | None = None
     items_ratio: float | None = None
     verdict: str = ""
@@ -166,6 +184,11 @@ class Row:
     @property
     def items_per_s(self) -> float:
         return self.stats.rps * self.items_per_request
+
+    @property
+    def other_cpu(self) -> float:
+        """The worst foreign load over all runs of the cell, since any of them may be off."""
+        return max(self.runs_other_cpu, default=0.0)
 
 
 # --------------------------------------------------------------------------- http
@@ -309,13 +332,13 @@ def wait_healthy(server: Server, base_url: str, timeout_s: float = HEALTH_TIMEOU
                 f"ready\n{server.log_tail()}"
             )
         try:
-            status, _ = call(f"{base_url}/v1/sys/health", None)
+            status, payload = call(f"{base_url}/v1/sys/health", None)
         except (OSError, urllib.error.URLError) as exc:
             last = str(exc)
         else:
             if status == 200:
                 return
-            last = f"status {status}"
+            last = f"last answer: {status} {json.dumps(payload)[:300]}"
         time.sleep(HEALTH_POLL_S)
     raise BenchError(
         f"{server.name} not healthy after {timeout_s:.0f} s ({last})\n{server.log_tail()}"
@@ -387,10 +410,8 @@ def setup_openbao(base_url: str) -> None:
 
 
 def setup_ekms(base_url: str, token: str) -> None:
-    call_ok(f"{base_url}/v1/transit/keys/bench", token, {"type": KEY_TYPE})
-    call_ok(
-        f"{base_url}/v1/transit/keys/bench-mem", token, {"type": KEY_TYPE, "residency": "memory"}
-    )
+    for name, body in EKMS_KEYS.items():
+        call_ok(f"{base_url}/v1/transit/keys/{name}", token, body)
 
 
 def ekms_argv(port: int, workers: int) -> list[str]:
@@ -474,6 +495,89 @@ def prepare_bodies(target: Target) -> dict[str, dict[str, Any]]:
     return bodies
 
 
+# --------------------------------------------------------------------------- cpu accounting
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+CPU_COUNT = os.cpu_count() or 1  # /proc/stat's total covers every online CPU
+
+
+def system_busy_s() -> float:
+    """CPU seconds the whole machine has spent busy since boot (iowait counts as idle)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
+
+
+def group_cpu_s(pgids: frozenset[int]) -> float:
+    """CPU seconds used so far by every live process in the given process groups."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # the process ended while we looked
+        if int(fields[2]) in pgids:
+            total += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+    return total / CLOCK_TICKS
+
+
+def own_cpu_s() -> float:
+    """CPU seconds of this harness and its reaped children (the wrk runs)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def listener_pgid(port: int) -> int | None:
+    """Process group of whoever listens on a loopback TCP port, so that a server the
+    harness did not start (--ekms-url) is not counted as foreign load."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                cols = line.split()
+                if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(f"socket:[{cols[9]}]")
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        with contextlib.suppress(OSError):
+            if any(str(fd.readlink()) in inodes for fd in fd_dir.iterdir()):
+                return os.getpgid(int(fd_dir.parent.name))
+    return None
+
+
+@dataclass(frozen=True)
+class CpuMeter:
+    """Tells how much CPU went to processes that are not part of the benchmark.
+
+    Everything busy on the machine minus the servers' process groups, wrk and this
+    harness is somebody else's load, which would distort a comparison on 2 cores.
+    """
+
+    pgids: frozenset[int]
+
+    def snapshot(self) -> tuple[float, float, float]:
+        return time.monotonic(), system_busy_s(), group_cpu_s(self.pgids) + own_cpu_s()
+
+    def other_share(self, before: tuple[float, float, float]) -> float:
+        after = self.snapshot()
+        wall = after[0] - before[0]
+        foreign = (after[1] - before[1]) - (after[2] - before[2])
+        return max(0.0, foreign) / (wall * CPU_COUNT) if wall > 0 else 0.0
+
+    def sample(self, seconds: float) -> float:
+        before = self.snapshot()
+        time.sleep(seconds)
+        return self.other_share(before)
+
+    def wait_quiet(self, max_wait_s: float = QUIET_WAIT_MAX_S) -> float:
+        """Wait, at most max_wait_s, until foreign load drops; return the last share seen."""
+        deadline = time.monotonic() + max_wait_s
+        share = self.sample(QUIET_SAMPLE_S)
+        while share > OTHER_CPU_MAX and time.monotonic() < deadline:
+            share = self.sample(QUIET_SAMPLE_S)
+        return share
+
+
 # --------------------------------------------------------------------------- wrk
 
 
@@ -486,6 +590,8 @@ class WrkConfig:
     warmup_s: int
     repeat: int
     count_non2xx: bool
+    cpu: CpuMeter
+    busy_retries: int
 
 
 def run_wrk(
@@ -560,15 +666,39 @@ def measure(
     body_file: Path,
     level: tuple[int, int],
 ) -> WrkStats:
-    """Warm up (result discarded: pools, caches and GC settle), then measure."""
+    """Measure once, re-running (up to cfg.busy_retries times) if others loaded the CPUs."""
+    stats = measure_once(cfg, target, scenario, body_file, level)
+    for attempt in range(1, cfg.busy_retries + 1):
+        if (stats.other_cpu or 0.0) <= OTHER_CPU_MAX:
+            break
+        print(
+            f"  ... other processes used {stats.other_cpu:.0%} CPU; "
+            f"re-running ({attempt}/{cfg.busy_retries})",
+            flush=True,
+        )
+        stats = measure_once(cfg, target, scenario, body_file, level)
+    return stats
+
+
+def measure_once(
+    cfg: WrkConfig,
+    target: Target,
+    scenario: Scenario,
+    body_file: Path,
+    level: tuple[int, int],
+) -> WrkStats:
+    """Wait for a quiet machine, warm up (result dropped: pools, caches, GC settle), measure."""
     url = transit_url(target, scenario.route)
+    cfg.cpu.wait_quiet()
     if cfg.warmup_s > 0:
         run_wrk(
             cfg, url, token=target.token, body_file=body_file, level=level, seconds=cfg.warmup_s
         )
-    return run_wrk(
+    before = cfg.cpu.snapshot()
+    stats = run_wrk(
         cfg, url, token=target.token, body_file=body_file, level=level, seconds=cfg.duration_s
     )
+    return replace(stats, other_cpu=cfg.cpu.other_share(before))
 
 
 def median_row(
@@ -585,6 +715,7 @@ def median_row(
         stats=ordered[len(ordered) // 2],
         errors=sum(s.errors for s in samples),
         runs_rps=[s.rps for s in samples],
+        runs_other_cpu=[s.other_cpu or 0.0 for s in samples],
     )
 
 
@@ -620,6 +751,8 @@ def progress_line(
     scenario: Scenario, level: tuple[int, int], target: Target, stats: WrkStats
 ) -> str:
     flag = f"  ERRORS={stats.errors}" if stats.errors else ""
+    if (stats.other_cpu or 0.0) > OTHER_CPU_MAX:
+        flag += f"  BUSY MACHINE: other processes used {stats.other_cpu:.0%} CPU"
     return (
         f"  {scenario.name:<12} c={level[1]:<3} {target.label:<12} "
         f"{stats.rps:>9.0f} req/s  p99 {stats.p99_us / 1000:.2f} ms{flag}"
@@ -639,9 +772,12 @@ def judge(rows: list[Row]) -> None:
             row.items_ratio = row.items_per_s / peer.items_per_s
         if row.is_peer:
             row.verdict = "ERRORS" if row.errors else "peer"
-            continue
-        row.reasons = failure_reasons(row, peer)
-        row.verdict = "FAIL" if row.reasons else "PASS"
+        else:
+            row.reasons = failure_reasons(row, peer)
+            row.verdict = "FAIL" if row.reasons else "PASS"
+        busy = max(row.other_cpu, peer.other_cpu if peer else 0.0)
+        if busy > OTHER_CPU_MAX:
+            row.reasons.append(f"unreliable: other processes used {busy:.0%} CPU")
 
 
 def failure_reasons(row: Row, peer: Row | None) -> list[str]:
@@ -674,6 +810,7 @@ COLUMNS = (
     "x req/s",
     "x items/s",
     "spread",
+    "other CPU",
     "errors",
     "verdict",
 )
@@ -708,6 +845,7 @@ def table_cells(rows: Sequence[Row]) -> list[list[str]]:
                 ratio_text(r.rps_ratio),
                 ratio_text(r.items_ratio),
                 spread_text(r.runs_rps),
+                f"{r.other_cpu:.0%}",
                 str(r.errors),
                 verdict,
             ]
@@ -718,7 +856,7 @@ def table_cells(rows: Sequence[Row]) -> list[list[str]]:
 def text_table(rows: Sequence[Row]) -> str:
     cells = [list(COLUMNS), *table_cells(rows)]
     widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
-    numeric = {1, 3, 4, 5, 6, 7, 8, 9, 10}
+    numeric = {1, 3, 4, 5, 6, 7, 8, 9, 10, 11}
     out = []
     for n, line in enumerate(cells):
         out.append(
@@ -733,7 +871,7 @@ def text_table(rows: Sequence[Row]) -> str:
 
 
 def markdown_table(rows: Sequence[Row]) -> str:
-    align = ["---" if i in {0, 2, 11} else "---:" for i in range(len(COLUMNS))]
+    align = ["---" if i in {0, 2, 12} else "---:" for i in range(len(COLUMNS))]
     lines = ["| " + " | ".join(COLUMNS) + " |", "| " + " | ".join(align) + " |"]
     lines += ["| " + " | ".join(line) + " |" for line in table_cells(rows)]
     return "\n".join(lines)
@@ -773,8 +911,10 @@ class RunInfo:
     duration_s: int
     warmup_s: int
     repeat: int
+    busy_retries: int
     ekms_workers: int | None
     ekms_source: str
+    ekms_ran: bool
     count_non2xx: bool
     versions: dict[str, str]
     machine: dict[str, str]
@@ -787,8 +927,10 @@ def collect_info(args: argparse.Namespace, bao: str, wrk: str, ekms_source: str)
         duration_s=args.duration,
         warmup_s=args.warmup,
         repeat=args.repeat,
+        busy_retries=args.busy_retries,
         ekms_workers=None if args.only_openbao or args.ekms_url else args.ekms_workers,
         ekms_source=ekms_source,
+        ekms_ran=not args.only_openbao or bool(args.ekms_url),
         count_non2xx=args.count_non2xx,
         versions={
             "OpenBao": tool_version([bao, "version"]),
@@ -809,6 +951,8 @@ def markdown_report(info: RunInfo, rows: Sequence[Row]) -> str:
     ekms = info.ekms_source
     if info.ekms_workers is not None:
         ekms += f", {info.ekms_workers} worker(s)"
+    if info.ekms_ran:
+        ekms += "; keys " + ", ".join(f"`{k}` {json.dumps(v)}" for k, v in EKMS_KEYS.items())
     errors = (
         "every non-2xx status (response hook on) plus socket errors and timeouts."
         if info.count_non2xx
@@ -832,10 +976,7 @@ def markdown_report(info: RunInfo, rows: Sequence[Row]) -> str:
             "- OpenBao: dev server (in-memory storage) with a file audit device; "
             "key `bench` aes256-gcm96, derived=true"
         ),
-        (
-            f"- Embassy KMS: {ekms}; keys `bench` (aes256-gcm96) and `bench-mem` "
-            "(aes256-gcm96, residency=memory)"
-        ),
+        f"- Embassy KMS: {ekms}",
         (
             "- Every request carries a context; before measuring, the harness checks that "
             "decrypt returns the plaintext and that a wrong context is refused."
@@ -845,6 +986,12 @@ def markdown_report(info: RunInfo, rows: Sequence[Row]) -> str:
             "(`batch_input`); items/s = req/s x items per request."
         ),
         f"- Errors counted: {errors}",
+        (
+            "- `other CPU`: share of the CPUs used during a run by processes other than the "
+            "servers, wrk and the harness (worst run of the cell). A run above "
+            f"{OTHER_CPU_MAX:.0%} is re-run up to {info.busy_retries} times, then flagged "
+            "unreliable."
+        ),
         "",
         "## Targets (Embassy KMS rows)",
         "",
@@ -900,6 +1047,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bao", help="path to the bao binary (default: venv, then PATH)")
     parser.add_argument("--wrk", help="path to wrk (default: PATH)")
     parser.add_argument(
+        "--busy-retries",
+        type=int,
+        default=2,
+        help="re-run a measurement up to N times when other processes loaded the CPUs",
+    )
+    parser.add_argument(
         "--count-non2xx",
         action="store_true",
         help="count every non-2xx in wrk via a Lua response hook (costs some throughput)",
@@ -911,11 +1064,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ekms-url", help=argparse.SUPPRESS)
     parser.add_argument("--ekms-token", default=DEV_ROOT_TOKEN, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if min(args.duration, args.repeat, args.ekms_workers) < 1 or args.warmup < 0:
-        parser.error("--duration, --repeat and --ekms-workers must be >= 1, --warmup >= 0")
+    if (
+        min(args.duration, args.repeat, args.ekms_workers) < 1
+        or min(args.warmup, args.busy_retries) < 0
+    ):
+        parser.error(
+            "--duration, --repeat and --ekms-workers must be >= 1; --warmup and --busy-retries >= 0"
+        )
     if args.ekms_url:
         args.ekms_url = args.ekms_url.rstrip("/")
-        require_loopback(args.ekms_url)
+        try:
+            require_loopback(args.ekms_url)
+        except BenchError as exc:
+            parser.error(str(exc))
     return args
 
 
@@ -926,17 +1087,17 @@ def ekms_targets(base_url: str, token: str) -> list[Target]:
     ]
 
 
-def start_ekms(stack: contextlib.ExitStack, workers: int, workdir: Path) -> str:
+def start_ekms(stack: contextlib.ExitStack, workers: int, workdir: Path) -> tuple[str, int]:
     port = free_port_pair()
     argv = ekms_argv(port, workers)
     print(f"starting Embassy KMS: {' '.join(argv)}", flush=True)
     server = stack.enter_context(running("ekms", argv, workdir, REPO_ROOT))
     base_url = f"http://{LOOPBACK}:{port}"
     wait_healthy(server, base_url)
-    return base_url
+    return base_url, server.proc.pid
 
 
-def start_openbao(stack: contextlib.ExitStack, bao: str, workdir: Path) -> str:
+def start_openbao(stack: contextlib.ExitStack, bao: str, workdir: Path) -> tuple[str, int]:
     port = free_port_pair()
     argv = openbao_argv(bao, port, write_audit_config(workdir))
     print(f"starting OpenBao: {' '.join(argv)}", flush=True)
@@ -945,7 +1106,7 @@ def start_openbao(stack: contextlib.ExitStack, bao: str, workdir: Path) -> str:
     wait_healthy(server, base_url)
     check_openbao_audit(base_url)
     setup_openbao(base_url)
-    return base_url
+    return base_url, server.proc.pid
 
 
 def bench(args: argparse.Namespace, stack: contextlib.ExitStack) -> tuple[RunInfo, list[Row]]:
@@ -953,23 +1114,46 @@ def bench(args: argparse.Namespace, stack: contextlib.ExitStack) -> tuple[RunInf
     bao = find_tool("bao", args.bao)
     wrk = find_tool("wrk", args.wrk)
     workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ekms-bench-")))
-    peer_url = start_openbao(stack, bao, workdir)
+    peer_url, peer_pgid = start_openbao(stack, bao, workdir)
+    pgids = {peer_pgid}
     targets = [Target("openbao", peer_url, DEV_ROOT_TOKEN, "bench", is_peer=True)]
     source = "not run (--only-openbao)"
     if args.ekms_url:
         source = f"external server at {args.ekms_url} (debug)"
+        pgid = listener_pgid(urllib.parse.urlsplit(args.ekms_url).port or 80)
+        if pgid is None:
+            print("warning: cannot find the external server's process; its CPU counts as other")
+        else:
+            pgids.add(pgid)
         setup_ekms(args.ekms_url, args.ekms_token)
         targets += ekms_targets(args.ekms_url, args.ekms_token)
     elif not args.only_openbao:
-        source = "`python -m api.cli server -dev`"
-        ekms_url = start_ekms(stack, args.ekms_workers, workdir)
+        source = "`python " + " ".join(EKMS_COMMAND[1:]) + "`"
+        ekms_url, ekms_pgid = start_ekms(stack, args.ekms_workers, workdir)
+        pgids.add(ekms_pgid)
         setup_ekms(ekms_url, DEV_ROOT_TOKEN)
         targets += ekms_targets(ekms_url, DEV_ROOT_TOKEN)
+    meter = CpuMeter(frozenset(pgids))
     info = collect_info(args, bao, wrk, source)
-    cfg = WrkConfig(wrk, args.duration, args.warmup, args.repeat, args.count_non2xx)
+    info.machine["other CPU load at start"] = f"{warn_if_busy(meter):.0%}"
+    cfg = WrkConfig(
+        wrk, args.duration, args.warmup, args.repeat, args.count_non2xx, meter, args.busy_retries
+    )
     runs = len(SCENARIOS) * len(LOAD_LEVELS) * len(targets) * args.repeat
     print(f"measuring {runs} runs of {args.duration} s (+{args.warmup} s warm-up)", flush=True)
     return info, run_all(cfg, targets, workdir)
+
+
+def warn_if_busy(meter: CpuMeter) -> float:
+    """Say so up front when someone else is using the CPUs: the figures will be off."""
+    share = meter.sample(IDLE_SAMPLE_S)
+    if share > OTHER_CPU_MAX:
+        print(
+            f"warning: other processes are using {share:.0%} of the CPUs; figures will be "
+            "low and noisy (see the `other CPU` column)",
+            flush=True,
+        )
+    return share
 
 
 def raise_on_signal(signum: int, _frame: FrameType | None) -> None:
