@@ -184,9 +184,20 @@ def test_cli_errors_are_one_clear_line(ekms: ServerProcess) -> None:
     assert "cannot reach" in unreachable.stderr
 
 
-def test_bad_config_is_refused_with_a_clear_message(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("config_text", "message"),
+    [
+        ('listen = "127.0.0.1:8200"\nwokers = 2\n', "unknown setting(s): wokers"),
+        ('listen = "0.0.0.0:8200"\n', "tls_disable"),
+        ('listen = "127.0.0.1:8200"\nworkers = 0\n', "workers must be between"),
+        ('listen = "127.0.0.1:8200"\nworkers = [\n', "not valid TOML"),
+    ],
+)
+def test_bad_config_is_refused_with_a_clear_message(
+    tmp_path: Path, config_text: str, message: str
+) -> None:
     config = tmp_path / "bad.toml"
-    config.write_text(f'data_dir = "{tmp_path}"\nlisten = "0.0.0.0:8200"\nwokers = 2\n')
+    config.write_text(f'data_dir = "{tmp_path}"\n' + config_text)
     result = subprocess.run(
         [sys.executable, "-m", "api.cli", "server", "-config", str(config)],
         cwd=ROOT,
@@ -196,15 +207,5 @@ def test_bad_config_is_refused_with_a_clear_message(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 2
-    assert "unknown setting(s): wokers" in result.stderr
-    config.write_text(f'data_dir = "{tmp_path}"\nlisten = "0.0.0.0:8200"\n')
-    result = subprocess.run(
-        [sys.executable, "-m", "api.cli", "server", "-config", str(config)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert result.returncode == 2
-    assert "tls_disable" in result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
