@@ -10,7 +10,6 @@ when it notices a new pid.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import threading
 import time
@@ -251,8 +250,3 @@ def _ed25519_point(point: bytes) -> bytes:
     if len(point) == 32:
         return point
     raise BackendError("unexpected Ed25519 public key encoding from the HSM")
-
-
-def pin_fingerprint(pin: str) -> str:
-    """For log lines that must say which PIN was used without revealing it."""
-    return hashlib.sha256(pin.encode()).hexdigest()[:8]

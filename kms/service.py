@@ -24,7 +24,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import (
     Prehashed,
-    decode_dss_signature,
     encode_dss_signature,
 )
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -423,11 +422,6 @@ def _der_from_raw(raw: bytes) -> bytes:
     if len(raw) != 64:
         raise InvalidRequestError("signature has the wrong length for ecdsa-p256")
     return encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
-
-
-def raw_from_der(der: bytes) -> bytes:
-    r, s = decode_dss_signature(der)
-    return r.to_bytes(32, "big") + s.to_bytes(32, "big")
 
 
 def _b64(data: bytes, *, urlsafe: bool) -> str:
