@@ -161,7 +161,7 @@ class Handler:
         root_only: bool = False,
         body: bool = True,
     ) -> Response:
-        call = Call(request_id=str(uuid.uuid4()), operation=operation, path=request.url.path)
+        call = Call(request_id=str(uuid.uuid4()), operation=operation, path=request.scope["path"])
         decision, reason = "allow", None
         try:
             if key_operation and self.runtime.barrier.sealed:

@@ -63,6 +63,7 @@ def uvicorn_config(
         log_level=log_level,
         access_log=False,
         server_header=False,
+        proxy_headers=False,  # X-Forwarded-For is not trusted: the audit records the peer itself
         ssl_certfile=tls_cert_file or None,
         ssl_keyfile=tls_key_file or None,
         timeout_keep_alive=30,

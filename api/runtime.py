@@ -79,7 +79,6 @@ class Runtime:
             )
 
     def close(self) -> None:
-        self.audit.stop()
         self.barrier.close()
         self.store.dispose()
 

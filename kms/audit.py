@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 HASH_PREFIX = "hmac-sha256:"
@@ -36,4 +36,9 @@ class AuditRecord:
     details: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None and v != {}}
+        # Written once per request: a flat copy, not dataclasses.asdict's deep one.
+        values = {name: getattr(self, name) for name in _FIELDS}
+        return {k: v for k, v in values.items() if v is not None and v != {}}
+
+
+_FIELDS = tuple(f.name for f in fields(AuditRecord))

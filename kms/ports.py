@@ -140,6 +140,10 @@ class TokenStore(Protocol):
         """Returns (token id, policies) for a live token with that hash."""
         ...
 
+    def revoke_token(self, token_id: str, at: float) -> bool:
+        """Revoke at once, on every node; False if no live token has that id."""
+        ...
+
 
 class AuditSink(Protocol):
     def append(self, records: Iterable[AuditRecord]) -> None:

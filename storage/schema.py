@@ -29,6 +29,15 @@ meta = Table(
     Column("updated_at", Float, nullable=False),
 )
 
+# Bumped in the same transaction as every change to tokens or keys, so that each process can keep
+# those rows in memory and still see a change made by another process at its next request.
+generation = Table(
+    "generation",
+    metadata,
+    Column("name", String(32), primary_key=True),
+    Column("value", BigInteger, nullable=False),
+)
+
 tokens = Table(
     "tokens",
     metadata,

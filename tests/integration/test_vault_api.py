@@ -230,6 +230,10 @@ BAD_REQUESTS = [
     ("GET", "transit/keys", b"", 405, "LIST"),
     ("POST", "transit/decrypt/ok", b'{"batch_input": [{}], "colour": 1}', 400, "'colour'"),
     ("GET", "transit/nowhere", b"", 404, "unsupported path"),
+    # Writes under /v1/transit/ that the direct dispatch does not serve still get FastAPI's answer.
+    ("POST", "transit/keys", b"{}", 405, "unsupported operation"),
+    ("PUT", "transit/nowhere/ok", b"{}", 404, "unsupported path"),
+    ("POST", "transit/encrypt/ok/extra", b"{}", 404, "unsupported path"),
 ]
 
 
