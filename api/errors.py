@@ -10,6 +10,7 @@ from starlette.responses import Response
 
 from kms.errors import (
     AuditError,
+    AuthenticationError,
     BackendError,
     EkmsError,
     InvalidRequestError,
@@ -28,6 +29,7 @@ log = logging.getLogger("ekms.api")
 STATUS_BY_ERROR: tuple[tuple[type[EkmsError], int], ...] = (
     (SealedError, 503),
     (NotInitializedError, 400),
+    (AuthenticationError, 401),
     (PermissionDeniedError, 403),
     (NotFoundError, 404),
     (InvalidRequestError, 400),

@@ -73,6 +73,21 @@ class PermissionDeniedError(EkmsError):
         self.reason = reason
 
 
+class AuthenticationError(PermissionDeniedError):
+    """The presented credential is not valid: bad signature, expired, replayed, revoked.
+
+    HTTP 401 rather than 403, so that a client knows to log in again; still one opaque
+    message, with the reason kept for the audit log.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.args = ("authentication failed",)
+
+    def __str__(self) -> str:
+        return "authentication failed"
+
+
 # --- our side or a dependency -------------------------------------------------------------
 
 
