@@ -8,7 +8,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 
-from api import routes_sys
+from api import routes_access, routes_sys, routes_tokens
 from api.direct_dispatch import DirectDispatch
 from api.errors import error_response, unhandled
 from api.http import Handler
@@ -34,6 +34,8 @@ def create_app(runtime: Runtime, seal_control: SealControl) -> FastAPI:
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.include_router(routes_sys.build_router(handler, seal_control))
+    app.include_router(routes_access.build_router(handler))
+    app.include_router(routes_tokens.build_router(handler))
     transit = TransitRoutes(handler).router()
     app.include_router(transit)
     app.add_middleware(DirectDispatch, prefix=transit.prefix, routes=transit.routes)

@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING
 from kms.errors import AuditError
 
 if TYPE_CHECKING:
-    from kms.audit import AuditRecord
+    from kms.audit import Admission, AuditRecord, Refusal
     from kms.ports import AuditSink
 
 log = logging.getLogger("ekms.audit")
 
-_Pending = list[tuple["AuditRecord", "asyncio.Future[None]"]]
+_Pending = list[tuple["AuditRecord", "Admission | None", "asyncio.Future[Refusal | None]"]]
 
 
 class AuditWriter:
@@ -33,16 +33,22 @@ class AuditWriter:
         self._sink = sink
         self._pending: dict[asyncio.AbstractEventLoop, _Pending] = {}
 
-    async def write(self, record: AuditRecord) -> None:
-        """Returns once the record is committed; raises ``AuditError`` if it could not be."""
+    async def write(
+        self, record: AuditRecord, admission: Admission | None = None
+    ) -> Refusal | None:
+        """Returns once the record is committed; raises ``AuditError`` if it could not be.
+
+        With an ``admission``, returns the ``Refusal`` if its conditions failed (the record
+        was then stored as a denial) and ``None`` if the request may be answered.
+        """
         loop = asyncio.get_running_loop()
         pending = self._pending.get(loop)
         if pending is None:
             pending = self._pending[loop] = []
             loop.call_soon(self._flush, loop)
-        future: asyncio.Future[None] = loop.create_future()
-        pending.append((record, future))
-        await future
+        future: asyncio.Future[Refusal | None] = loop.create_future()
+        pending.append((record, admission, future))
+        return await future
 
     def write_now(self, record: AuditRecord) -> None:
         """Synchronous path for callers outside an event loop (supervisor, CLI)."""
@@ -55,16 +61,17 @@ class AuditWriter:
     def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
         batch = self._pending.pop(loop, [])
         error: BaseException | None = None
+        outcome: list[Refusal | None] = []
         try:
-            self._sink.append([record for record, _ in batch])
+            outcome = self._sink.commit([(record, admission) for record, admission, _ in batch])
         except Exception as exc:  # noqa: BLE001 - every failure means fail closed
             log.error("audit write failed: %s", type(exc).__name__)
             error = exc
-        for _, future in batch:
+        for index, (_, _, future) in enumerate(batch):
             if future.done():
                 continue  # the request was cancelled (client gone); its record is still written
             if error is None:
-                future.set_result(None)
+                future.set_result(outcome[index])
             else:
                 failure = AuditError()
                 failure.__cause__ = error

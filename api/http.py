@@ -17,9 +17,11 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from api.errors import PayloadTooLargeError, error_response, status_for
-from kms.audit import AuditRecord
+from kms.access import Identity
+from kms.audit import Admission, AuditRecord
 from kms.errors import (
     AuditError,
+    AuthenticationError,
     EkmsError,
     InvalidRequestError,
     PermissionDeniedError,
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
     from api.runtime import Runtime
 
 M = TypeVar("M", bound=BaseModel)
+_MAX_TOKEN_CHARS = 8192
 JSON = "application/json"
 
 
@@ -73,6 +76,27 @@ class Call:
     key: str | None = None
     version: int | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    identity: Identity | None = None
+    admission: Admission | None = None
+
+    def admit(self, extra: Admission | None) -> None:
+        """Add conditions to be checked, and effects written, with this request's audit record."""
+        if extra is None:
+            return
+        if self.admission is None:
+            self.admission = extra
+            return
+        self.admission = Admission(
+            once=self.admission.once + extra.once,
+            use_of=extra.use_of or self.admission.use_of,
+            issued=extra.issued or self.admission.issued,
+        )
+
+    @property
+    def caller(self) -> Identity:
+        if self.identity is None:
+            raise PermissionDeniedError("no token presented")
+        return self.identity
 
 
 def envelope(call: Call, data: Any, warnings: list[str] | None = None) -> dict[str, Any]:
@@ -137,18 +161,41 @@ class Handler:
         token = request.headers.get("x-vault-token")
         if token is None:
             auth = request.headers.get("authorization", "")
-            if auth[:7].lower() == "bearer ":
-                token = auth[7:].strip()
+            scheme, _, value = auth.partition(" ")
+            if scheme.lower() in ("bearer", "dpop"):  # RFC 6750, RFC 9449
+                token = value.strip()
         if not token:
             raise PermissionDeniedError("no token presented")
-        if len(token) > 512:
+        if len(token) > _MAX_TOKEN_CHARS:
             raise PermissionDeniedError("token too long")
-        found = self.runtime.store.find_token(hash_token(token))
-        if found is None:
-            raise PermissionDeniedError("unknown or revoked token")
-        call.principal = found[0]
-        if root_only and ROOT_POLICY not in found[1]:
-            raise PermissionDeniedError("operation needs the root policy")
+        if token.count(".") == 2 and token.startswith("eyJ"):
+            identity, admission = self.runtime.access.authenticate(
+                token,
+                dpop=request.headers.get("dpop"),
+                method=request.method,
+                url=self.public_url(request),
+            )
+            call.admit(admission)
+        else:
+            if len(token) > 512:
+                raise PermissionDeniedError("token too long")
+            found = self.runtime.store.find_token(hash_token(token))
+            if found is None:
+                raise PermissionDeniedError("unknown or revoked token")
+            identity = Identity(found[0], frozenset(), root=ROOT_POLICY in found[1])
+        call.identity = identity
+        call.principal = identity.principal
+        if root_only and not identity.root:
+            raise PermissionDeniedError("operation needs the root token")
+
+    def public_url(self, request: Request) -> str:
+        """The URL as the client addressed it, for a DPoP proof's ``htu``."""
+        base = self.settings.public_url
+        if base:
+            return base.rstrip("/") + str(request.scope["path"])
+        scheme = request.scope.get("scheme", "http")
+        host = request.headers.get("host", "")
+        return f"{scheme}://{host}{request.scope['path']!s}"
 
     async def run(
         self,
@@ -158,7 +205,7 @@ class Handler:
         *,
         key_operation: bool = True,
         authenticated: bool = True,
-        root_only: bool = False,
+        root_only: bool = True,
         body: bool = True,
     ) -> Response:
         call = Call(request_id=str(uuid.uuid4()), operation=operation, path=request.scope["path"])
@@ -177,6 +224,8 @@ class Handler:
             payload = {"errors": [str(exc)]}
             if isinstance(exc, PermissionDeniedError):
                 payload["request_id"] = call.request_id
+            if call.admission is not None:  # one-time ids stay spent; nothing else takes effect
+                call.admission = Admission(once=call.admission.once)
         record = AuditRecord(
             time=self.runtime.clock.now(),
             request_id=call.request_id,
@@ -192,9 +241,17 @@ class Handler:
             details=call.details,
         )
         try:
-            await self.runtime.audit.write(record)
+            refusal = await self.runtime.audit.write(record, call.admission)
         except AuditError as exc:
             return error_response(503, str(exc))
+        if refusal is not None:
+            refused = (
+                AuthenticationError(refusal.reason)
+                if refusal.status == 401
+                else PermissionDeniedError(refusal.reason)
+            )
+            payload = {"errors": [str(refused)], "request_id": call.request_id}
+            return json_response(refusal.status, payload, call.request_id)
         return json_response(status, payload, call.request_id)
 
     def context_hash(self, context: bytes) -> str | None:

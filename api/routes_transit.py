@@ -26,12 +26,16 @@ from kms.keys import (
     parse_enum,
     validate_key_name,
 )
+from kms.policy import Operation
 from kms.service import HashAlgorithm, Marshaling
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from kms.service import KeyService
+
+
+DECRYPT = Operation.DECRYPT
 
 
 class CreateKeyRequest(Body):
@@ -234,6 +238,7 @@ class TransitRoutes:
         router = APIRouter(prefix="/v1/transit", tags=["transit"])
         run = self.handler.run
         keys = self.keys
+        access = self.handler.runtime.access
 
         @router.api_route("/keys/{name}", methods=["POST", "PUT"])
         async def create_key(request: Request, name: str) -> Response:
@@ -352,6 +357,7 @@ class TransitRoutes:
             def work(call: Call, data: dict[str, Any]) -> tuple[int, Any]:
                 call.key = name
                 policy = keys.policy(name)
+                call.admit(access.authorise_key_use(call.caller, operation=DECRYPT, policy=policy))
 
                 def one(raw: Any) -> dict[str, Any]:
                     item = parse_model(DecryptItem, raw)
@@ -364,7 +370,8 @@ class TransitRoutes:
 
                 return self._batch(call, data, {"ciphertext", "context"}, one)
 
-            return await run(request, "transit.decrypt", work)
+            # Root, or a restore credential scoped to this dataset (checked in work).
+            return await run(request, "transit.decrypt", work, root_only=False)
 
         @router.api_route("/rewrap/{name}", methods=["POST", "PUT"])
         async def rewrap(request: Request, name: str) -> Response:

@@ -15,6 +15,8 @@ from api.audit_writer import AuditWriter
 from api.settings import ConfigError, Settings, prepare_softhsm_environment, softhsm_conf_path
 from hsm.pkcs11_backend import Pkcs11Backend
 from hsm.softhsm import TransportPinProvisioner, create_token, find_module, write_config
+from kms.access import AccessConfig, AccessService
+from kms.policy import Site, SiteKind
 from kms.ports import SystemClock, SystemRandom
 from kms.seal import Barrier, Custodian, InitResult, SealStatus, initialise
 from kms.service import KeyService
@@ -22,6 +24,7 @@ from storage.sql_store import SqlStore
 
 if TYPE_CHECKING:
     from kms.derivation import RootKeys
+    from kms.root_generation import RootGenerationStatus
 
 log = logging.getLogger("ekms.runtime")
 
@@ -33,6 +36,10 @@ class SealControl(Protocol):
     def submit(self, mnemonic: str) -> SealStatus: ...
     def reset(self) -> SealStatus: ...
     def seal(self) -> SealStatus: ...
+    def root_generation_status(self) -> RootGenerationStatus: ...
+    def start_root_generation(self, otp: str | None) -> RootGenerationStatus: ...
+    def submit_root_share(self, mnemonic: str, nonce: str) -> RootGenerationStatus: ...
+    def cancel_root_generation(self) -> RootGenerationStatus: ...
 
 
 @dataclass
@@ -42,6 +49,7 @@ class Runtime:
     backend: Pkcs11Backend
     barrier: Barrier
     keys: KeyService
+    access: AccessService
     audit: AuditWriter
     provisioner: TransportPinProvisioner
     clock: SystemClock = field(default_factory=SystemClock)
@@ -78,8 +86,13 @@ class Runtime:
                 report.unknown_objects,
             )
 
-    def close(self) -> None:
+    def seal_process(self) -> None:
+        """Close this process's barrier and forget every token verified while it was open."""
         self.barrier.close()
+        self.access.forget_verified()
+
+    def close(self) -> None:
+        self.seal_process()
         self.store.dispose()
 
 
@@ -120,12 +133,29 @@ def create_runtime(
         transport_file=Path(settings.transport_pin_file),
         manage_so_pin=settings.manage_so_pin,
     )
+    access = AccessService(
+        keys=keys,
+        store=store,
+        clock=clock,
+        config=AccessConfig(
+            issuer=settings.audience,
+            audience=settings.audience,
+            site=Site(settings.site_name, SiteKind(settings.site_kind)),
+            matrix=settings.restore_matrix,
+            token_ttl=settings.token_ttl,
+            tool_token_ttl=settings.tool_token_ttl,
+            approvals_required=settings.approvals_required,
+            proposal_ttl=settings.proposal_ttl,
+            max_emergency=settings.max_emergency_hours * 3600.0,
+        ),
+    )
     return Runtime(
         settings=settings,
         store=store,
         backend=backend,
         barrier=barrier,
         keys=keys,
+        access=access,
         audit=AuditWriter(store),
         provisioner=provisioner,
         clock=clock,
@@ -139,6 +169,8 @@ def local_seal_control(runtime: Runtime) -> Custodian:
         store=runtime.store,
         clock=runtime.clock,
         opener=runtime.open_barrier,
-        closer=runtime.barrier.close,
+        closer=runtime.seal_process,
+        tokens=runtime.store,
+        random=runtime.random,
         timeout=runtime.settings.unseal_timeout,
     )

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kms.errors import InvalidRequestError
+from kms.policy import DEFAULT_MATRIX, RestoreMatrix, SiteKind
 
 MiB = 1024 * 1024
 
@@ -43,6 +44,19 @@ class Settings:
     unseal_timeout: float = 600.0
     log_level: str = "warning"
     dev: bool = False
+    # --- access control (docs/access-control.md) ---
+    site_name: str = "home"
+    site_kind: str = "home"  # home | embassy | public-cloud
+    audience: str = ""  # what tokens and assertions must name; default embassy-kms/<site_name>
+    public_url: str = ""  # the URL clients use, for DPoP htu; default: taken from each request
+    token_ttl: int = 3600
+    tool_token_ttl: int = 900
+    max_tool_token_ttl: int = 900
+    approvals_required: int = 2
+    proposal_ttl: int = 86_400
+    max_emergency_hours: int = 72
+    restore_policy: dict[str, Any] = field(default_factory=dict)
+    restore_matrix: RestoreMatrix = field(init=False, repr=False, default=DEFAULT_MATRIX)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -58,6 +72,7 @@ class Settings:
             raise ConfigError("max_batch_items must be between 1 and 100000")
         if not 10 <= self.unseal_timeout <= 86_400:
             raise ConfigError("unseal_timeout must be between 10 s and 24 h")
+        self._check_access_control()
         host, _ = self.host_port
         if not self.tls_enabled and not self.tls_disable and not _is_loopback(host):
             raise ConfigError(
@@ -66,6 +81,37 @@ class Settings:
             )
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ConfigError("tls_cert_file and tls_key_file go together")
+
+    def _check_access_control(self) -> None:  # noqa: C901 - one bound per setting
+        try:
+            SiteKind(self.site_kind)
+        except ValueError:
+            raise ConfigError("site_kind must be one of: home, embassy, public-cloud") from None
+        if not self.site_name or len(self.site_name) > 64:
+            raise ConfigError("site_name must be 1-64 characters")
+        if not self.audience:
+            self.audience = f"embassy-kms/{self.site_name}"
+        if not 60 <= self.max_tool_token_ttl <= 86_400:
+            raise ConfigError("max_tool_token_ttl must be between 60 s and 24 h")
+        if not 60 <= self.tool_token_ttl <= self.max_tool_token_ttl:
+            raise ConfigError(
+                f"tool_token_ttl must be between 60 s and max_tool_token_ttl "
+                f"({self.max_tool_token_ttl} s)"
+            )
+        if not 60 <= self.token_ttl <= 86_400:
+            raise ConfigError("token_ttl must be between 60 s and 24 h")
+        if not 1 <= self.approvals_required <= 16:
+            raise ConfigError("approvals_required must be between 1 and 16")
+        if self.approvals_required < 2 and not self.dev:
+            raise ConfigError("approvals_required must be at least 2 outside development")
+        if not 300 <= self.proposal_ttl <= 30 * 86_400:
+            raise ConfigError("proposal_ttl must be between 5 minutes and 30 days")
+        if not 1 <= self.max_emergency_hours <= 24 * 14:
+            raise ConfigError("max_emergency_hours must be between 1 and 336")
+        try:
+            self.restore_matrix = RestoreMatrix.from_config(self.restore_policy)
+        except InvalidRequestError as exc:
+            raise ConfigError(str(exc)) from None
 
     @property
     def tls_enabled(self) -> bool:
@@ -90,7 +136,7 @@ class Settings:
 
     @classmethod
     def from_mapping(cls, raw: dict[str, Any], source: str = "config") -> Settings:
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls) if f.init}
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown setting(s): {', '.join(unknown)}")

@@ -42,3 +42,39 @@ class AuditRecord:
 
 
 _FIELDS = tuple(f.name for f in fields(AuditRecord))
+
+
+@dataclass(frozen=True)
+class IssuedTokenRow:
+    """A token the service minted, recorded for lookup, revocation and access reviews."""
+
+    jti: str
+    principal: str
+    roles: tuple[str, ...]
+    scope: dict[str, Any] | None
+    proposal_id: str | None
+    jkt: str | None
+    issued_at: float
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class Admission:
+    """Conditions checked, and effects written, in the same transaction as the audit record.
+
+    A request's answer leaves only after its record commits, so checking a one-time id or a
+    use counter here is as strong as checking it before the work, and costs no extra round
+    trip. If a condition fails, the record is written as a denial and the answer withheld.
+    """
+
+    once: tuple[tuple[bytes, float], ...] = ()  # (SHA-256 of a one-time id, keep until)
+    use_of: str | None = None  # proposal whose use counter must stay within its max_uses
+    issued: IssuedTokenRow | None = None
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why an admission failed; becomes the request's answer and its audit reason."""
+
+    status: int
+    reason: str

@@ -161,10 +161,18 @@ class ShareCollector:
     submitted shares is the bad one.
     """
 
-    def __init__(self, descriptor: ShareSetDescriptor, clock: Clock, timeout: float) -> None:
+    def __init__(
+        self,
+        descriptor: ShareSetDescriptor,
+        clock: Clock,
+        timeout: float,
+        *,
+        activity: str = "unseal",
+    ) -> None:
         self._descriptor = descriptor
         self._clock = clock
         self._timeout = timeout
+        self._activity = activity  # names the progress that a reset discards, in messages
         self._state = RecoveryState()
         self._count = 0
         self._started = 0.0
@@ -226,14 +234,14 @@ class ShareCollector:
                     self.reset()
                     raise InvalidShareError(
                         "share conflicts with an earlier share of the same member; "
-                        "unseal progress was reset"
+                        f"{self._activity} progress was reset"
                     )
         try:
             self._state.add_share(share)
         except MnemonicError:
             self.reset()
             raise InvalidShareError(
-                "share parameters contradict earlier shares; unseal progress was reset"
+                f"share parameters contradict earlier shares; {self._activity} progress was reset"
             ) from None
         if self._count == 0:
             self._started = self._clock.now()
@@ -249,14 +257,14 @@ class ShareCollector:
         except MnemonicError:
             self.reset()
             raise InvalidShareError(
-                "the submitted shares are inconsistent; unseal progress was reset"
+                f"the submitted shares are inconsistent; {self._activity} progress was reset"
             ) from None
         if not hmac.compare_digest(root_verifier(secret), self._descriptor.verifier):
             secret[:] = bytes(len(secret))
             self.reset()
             raise InvalidShareError(
                 "the submitted shares do not reconstruct this service's root secret; "
-                "unseal progress was reset"
+                f"{self._activity} progress was reset"
             )
         status = self._status(secret=secret, member=member)
         self.reset()

@@ -72,6 +72,11 @@ def parse_enum(enum: type[_E], value: object, field_name: str) -> _E:
         raise InvalidRequestError(f"{field_name} must be one of: {allowed}") from None
 
 
+# Keys the service keeps for itself (the token-signing key). '/' cannot appear in a transit path
+# segment or pass validate_key_name, so no API caller can name, list or use them.
+SYSTEM_KEY_PREFIX = "ekms/"
+
+
 def validate_key_name(name: str) -> str:
     if not _NAME_RE.fullmatch(name):
         raise InvalidRequestError(

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
 
-    from kms.audit import AuditRecord
+    from kms.audit import Admission, AuditRecord, Refusal
     from kms.custody import ShareSetDescriptor
     from kms.keys import KeyPolicy, KeyType, KeyVersion
 
@@ -144,8 +144,22 @@ class TokenStore(Protocol):
         """Revoke at once, on every node; False if no live token has that id."""
         ...
 
+    def insert_token(
+        self, token_id: str, token_hash: bytes, policies: Sequence[str], created_at: float
+    ) -> None:
+        """Store a new token by its hash (never its value); usable at once on every node."""
+        ...
+
 
 class AuditSink(Protocol):
     def append(self, records: Iterable[AuditRecord]) -> None:
         """Durably append records, in order; raises on failure (the caller fails closed)."""
+        ...
+
+    def commit(self, batch: Sequence[tuple[AuditRecord, Admission | None]]) -> list[Refusal | None]:
+        """Check each admission and append each record, in one transaction.
+
+        Returns, per entry, ``None`` if admitted or the ``Refusal``; a refused entry's record
+        is stored as a denial with that reason. Raises on failure (the caller fails closed).
+        """
         ...

@@ -9,19 +9,20 @@ process and a supervisor that broadcasts to workers.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
 from kms.audit import keyed_hash
 from kms.custody import ShareCollector, ShareSetDescriptor, split_secret, validate_quorum
 from kms.derivation import ROOT_SECRET_BYTES, RootKeys, wipe
 from kms.errors import ConflictError, InvalidRequestError, NotInitializedError, SealedError
-from kms.tokens import IssuedToken, issue_token
+from kms.root_generation import RootGeneration, RootGenerationStatus
+from kms.tokens import ROOT_POLICY, IssuedToken, issue_token
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from kms.ports import Clock, CustodyStore, KeyBackend, RandomSource
+    from kms.ports import Clock, CustodyStore, KeyBackend, RandomSource, TokenStore
 
 DEFAULT_UNSEAL_TIMEOUT = 600.0
 
@@ -150,7 +151,9 @@ class Custodian:
     """Collects unseal shares for one node and opens or closes it.
 
     ``opener`` receives freshly derived keys (and owns them); ``closer`` seals every process of
-    the node. The custodian keeps no secret of its own once the node is open.
+    the node. The custodian keeps no secret of its own once the node is open, except the OTP
+    of a root generation in progress. It also runs generate-root, so that shares sent to any
+    worker count toward the one attempt, and no worker ever holds a reconstructed secret.
     """
 
     def __init__(
@@ -160,17 +163,22 @@ class Custodian:
         clock: Clock,
         opener: Callable[[RootKeys], None],
         closer: Callable[[], None],
+        tokens: TokenStore,
+        random: RandomSource,
         timeout: float = DEFAULT_UNSEAL_TIMEOUT,
     ) -> None:
         self._store = store
         self._clock = clock
         self._opener = opener
         self._closer = closer
+        self._tokens = tokens
+        self._random = random
         self._timeout = timeout
         self._lock = threading.Lock()
         self._collector: ShareCollector | None = None
         self._descriptor: ShareSetDescriptor | None = None
         self._unsealed = False
+        self._root: RootGeneration | None = None
 
     def _load(self) -> ShareSetDescriptor | None:
         if self._descriptor is None:
@@ -227,4 +235,94 @@ class Custodian:
             self._unsealed = False
             if self._collector is not None:
                 self._collector.reset()
+            self._drop_root_generation()
             return self._status()
+
+    # --- generate-root ------------------------------------------------------------------------
+
+    def _require_unsealed(self) -> ShareSetDescriptor:
+        descriptor = self._load()
+        if descriptor is None:
+            raise NotInitializedError
+        if not self._unsealed:
+            raise SealedError
+        return descriptor
+
+    def _current_root_generation(self) -> RootGeneration | None:
+        if self._root is not None and self._root.expired:
+            self._drop_root_generation()
+        return self._root
+
+    def _drop_root_generation(self) -> None:
+        root, self._root = self._root, None
+        if root is not None:
+            root.wipe()
+
+    def root_generation_status(self) -> RootGenerationStatus:
+        with self._lock:
+            descriptor = self._require_unsealed()
+            root = self._current_root_generation()
+            if root is None:
+                return RootGenerationStatus(started=False, required=descriptor.shares_needed)
+            return root.status()
+
+    def start_root_generation(self, otp: str | None) -> RootGenerationStatus:
+        """Start an attempt; without ``otp`` one is generated and returned in this answer only."""
+        with self._lock:
+            descriptor = self._require_unsealed()
+            if self._current_root_generation() is not None:
+                raise ConflictError(
+                    "root generation already in progress: cancel it first "
+                    "(DELETE sys/generate-root/attempt)"
+                )
+            root = RootGeneration(
+                descriptor=descriptor,
+                clock=self._clock,
+                random=self._random,
+                timeout=self._timeout,
+                otp=otp,
+            )
+            self._root = root
+            status = root.status()
+            if root.generated_otp:
+                return replace(status, otp=root.otp_text())
+            return status
+
+    def submit_root_share(self, mnemonic: str, nonce: str) -> RootGenerationStatus:
+        """Add a share; the last one mints a root token and returns it encoded with the OTP."""
+        with self._lock:
+            self._require_unsealed()
+            root = self._current_root_generation()
+            if root is None:
+                raise InvalidRequestError(
+                    "no root generation in progress: start one with PUT sys/generate-root/attempt"
+                )
+            progress = root.submit(mnemonic, nonce)
+            if progress.secret is None:
+                return root.status(member=progress.member)
+            wipe(progress.secret)  # the collector has checked it against the verifier
+            self._root = None
+            try:
+                token = issue_token(self._random)
+                self._tokens.insert_token(
+                    token.token_id, token.token_hash, [ROOT_POLICY], self._clock.now()
+                )
+                encoded = root.encode(token.token)
+            finally:
+                root.wipe()
+            return RootGenerationStatus(
+                started=True,
+                required=root.required,
+                nonce=root.nonce,
+                progress=root.required,
+                complete=True,
+                encoded_token=encoded,
+                member=progress.member,
+                token_id=token.token_id,
+            )
+
+    def cancel_root_generation(self) -> RootGenerationStatus:
+        with self._lock:
+            descriptor = self._require_unsealed()
+            self._drop_root_generation()
+            return RootGenerationStatus(started=False, required=descriptor.shares_needed)

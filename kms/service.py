@@ -36,6 +36,7 @@ from kms.errors import (
 )
 from kms.keys import (
     NONCE_BYTES,
+    SYSTEM_KEY_PREFIX,
     Classification,
     KeyPolicy,
     KeyType,
@@ -116,7 +117,7 @@ class KeyService:
 
     def list_names(self) -> list[str]:
         self._barrier.require_open()
-        return self._store.list_names()
+        return [n for n in self._store.list_names() if not n.startswith(SYSTEM_KEY_PREFIX)]
 
     def create_key(
         self,
@@ -326,6 +327,15 @@ class KeyService:
             signature = raw if marshaling is Marshaling.JWS else _der_from_raw(raw)
         encoded = _b64(signature, urlsafe=marshaling is Marshaling.JWS)
         return f"{_SIGNATURE_PREFIX}{key_version.number}:{encoded}", key_version.number
+
+    def sign_jws(self, policy: KeyPolicy, signing_input: bytes) -> tuple[bytes, int]:
+        """ES256 over a JWS signing input with the latest version: raw r||s, as JWS wants."""
+        self._barrier.require_open()
+        if policy.key_type is not KeyType.ECDSA_P256:
+            raise InvalidRequestError("JWS signing needs an ecdsa-p256 key")
+        key_version = policy.version_for_encryption(None)
+        digest = hashlib.sha256(signing_input).digest()
+        return self._backend.sign(key_version.handle, policy.key_type, digest), key_version.number
 
     def verify(
         self,

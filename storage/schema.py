@@ -89,3 +89,80 @@ audit_log = Table(
     Column("node", String(128), nullable=False),
     Column("record", Text, nullable=False),
 )
+
+principals = Table(
+    "principals",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("display_name", String(200), nullable=False),
+    Column("roles", Text, nullable=False),
+    Column("jwk", Text, nullable=False),
+    Column("thumbprint", String(64), nullable=False, unique=True),
+    Column("created_at", Float, nullable=False),
+    Column("created_by", String(64), nullable=False),
+    Column("disabled_at", Float, nullable=True),
+    Column("tokens_valid_after", Float, nullable=False),
+)
+
+issued_tokens = Table(
+    "issued_tokens",
+    metadata,
+    Column("jti", String(64), primary_key=True),
+    Column("principal", String(64), nullable=False, index=True),
+    Column("roles", Text, nullable=False),
+    Column("scope", Text, nullable=True),
+    Column("proposal_id", String(64), nullable=True, index=True),
+    Column("jkt", String(64), nullable=True),
+    Column("issued_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Column("revoked_at", Float, nullable=True),
+)
+
+# One-time identifiers (assertion and DPoP proof jti), stored as SHA-256 until they expire.
+used_ids = Table(
+    "used_ids",
+    metadata,
+    Column("id_hash", LargeBinary(32), primary_key=True),
+    Column("expires_at", Float, nullable=False, index=True),
+)
+
+proposals = Table(
+    "proposals",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("kind", String(32), nullable=False),
+    Column("requester", String(64), nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("audience", String(200), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("decided_at", Float, nullable=True),
+    Column("uses", Integer, nullable=False),
+    Column("max_uses", Integer, nullable=True),
+)
+
+approvals = Table(
+    "approvals",
+    metadata,
+    Column(
+        "proposal_id",
+        String(64),
+        ForeignKey("proposals.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("official", String(64), primary_key=True),
+    Column("verdict", String(16), nullable=False),
+    Column("signed_at", Float, nullable=False),
+    Column("signature", Text, nullable=False),
+)
+
+emergencies = Table(
+    "emergencies",
+    metadata,
+    Column("proposal_id", String(64), primary_key=True),
+    Column("declared_at", Float, nullable=False),
+    Column("ends_at", Float, nullable=False),
+    Column("ended_at", Float, nullable=True),
+    Column("ended_by", String(64), nullable=True),
+)

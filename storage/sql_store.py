@@ -5,11 +5,13 @@ Every multi-row change runs in one transaction, so a crash leaves each change wh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sqlite3
 import threading
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,15 +21,30 @@ from alembic.config import Config
 from sqlalchemy import Engine, create_engine, delete, event, insert, select, text, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
+from kms.approvals import Approval, Proposal, ProposalKind, ProposalState, Verdict
+from kms.audit import Refusal
 from kms.custody import ShareSetDescriptor
 from kms.errors import ConflictError, StorageError
+from kms.identity import Principal, Role
 from kms.keys import Classification, KeyPolicy, KeyType, KeyVersion, Residency, VersionState
-from storage.schema import audit_log, generation, key_versions, meta, tokens, transit_keys
+from storage.schema import (
+    approvals,
+    audit_log,
+    emergencies,
+    generation,
+    issued_tokens,
+    key_versions,
+    meta,
+    principals,
+    proposals,
+    tokens,
+    transit_keys,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Iterable, Iterator, Mapping, Sequence
 
-    from kms.audit import AuditRecord
+    from kms.audit import Admission, AuditRecord
 
 log = logging.getLogger("ekms.storage")
 _MIGRATIONS = Path(__file__).parent / "migrations"
@@ -37,8 +54,21 @@ _READ_GENERATION = "SELECT value FROM generation WHERE name = 'registry'"
 _LOCK_WAIT_SECONDS = 10.0
 _CHECKPOINT_SECONDS = 0.5
 _SQLITE_BUSY = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
-_INSERT_AUDIT_SQLITE = "INSERT INTO audit_log (time, request_id, node, record) VALUES (?, ?, ?, ?)"
-_INSERT_AUDIT_PG = "INSERT INTO audit_log (time, request_id, node, record) VALUES (%s, %s, %s, %s)"
+_SWEEP_SECONDS = 60.0
+_SQLITE_SQL = {
+    "audit": "INSERT INTO audit_log (time, request_id, node, record) VALUES (?, ?, ?, ?)",
+    "once": "INSERT INTO used_ids (id_hash, expires_at) VALUES (?, ?) ON CONFLICT DO NOTHING",
+    "use": (
+        "UPDATE proposals SET uses = uses + 1 WHERE id = ? AND state = 'approved' "
+        "AND (max_uses IS NULL OR uses < max_uses)"
+    ),
+    "issued": (
+        "INSERT INTO issued_tokens (jti, principal, roles, scope, proposal_id, jkt, issued_at, "
+        "expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    ),
+    "sweep": "DELETE FROM used_ids WHERE expires_at < ?",
+}
+_PG_SQL = {name: statement.replace("?", "%s") for name, statement in _SQLITE_SQL.items()}
 
 
 def make_engine(url: str) -> Engine:
@@ -70,12 +100,15 @@ def migrate(engine: Engine) -> None:
 
 
 class _RegistryCache:
-    """Token and key rows as of one registry generation."""
+    """Token, key, principal and revocation rows as of one registry generation."""
 
     def __init__(self, generation: int) -> None:
         self.generation = generation
         self.policies: dict[str, KeyPolicy] = {}
         self.tokens: dict[bytes, tuple[str, tuple[str, ...]]] = {}
+        self.principals: dict[str, Principal] = {}
+        self.revoked: frozenset[str] | None = None
+        self.emergency: tuple[dict[str, Any]] | None = None
 
 
 class SqlStore:
@@ -96,6 +129,7 @@ class SqlStore:
         self._raw_lock = threading.Lock()
         self._raw: list[Any] = []
         self._checkpointer: threading.Thread | None = None
+        self._last_sweep = 0.0
         self._stopping = threading.Event()
 
     def __repr__(self) -> str:
@@ -275,6 +309,26 @@ class SqlStore:
             raise StorageError("metadata store unavailable") from exc
         return bool(result.rowcount)
 
+    def insert_token(
+        self, token_id: str, token_hash: bytes, policies: Sequence[str], created_at: float
+    ) -> None:
+        """Store a token's hash (never its value); the bump makes every node see it at once."""
+        try:
+            with self._engine.begin() as conn:
+                conn.execute(
+                    insert(tokens).values(
+                        id=token_id,
+                        token_hash=token_hash,
+                        policies=json.dumps(list(policies)),
+                        created_at=created_at,
+                    )
+                )
+                self._bump(conn)
+        except IntegrityError:
+            raise ConflictError("a token with that id or hash already exists") from None
+        except SQLAlchemyError as exc:
+            raise StorageError("metadata store unavailable") from exc
+
     def _load_token(self, token_hash: bytes) -> tuple[str, tuple[str, ...]] | None:
         try:
             with self._engine.connect() as conn:
@@ -450,37 +504,284 @@ class SqlStore:
         with self._engine.connect() as conn:
             return {bytes(h) for h in conn.execute(select(key_versions.c.handle)).scalars()}
 
+    # --- identities, issued tokens, proposals, emergencies ------------------------------------
+
+    def principal(self, principal_id: str) -> Principal | None:
+        cache = self._current()
+        found = cache.principals.get(principal_id)
+        if found is None:
+            found = self._load_principal(principal_id)
+            if found is not None and len(cache.principals) < _CACHE_LIMIT:
+                cache.principals[principal_id] = found
+        return found
+
+    def _load_principal(self, principal_id: str) -> Principal | None:
+        with self._reading() as conn:
+            row = conn.execute(select(principals).where(principals.c.id == principal_id)).first()
+        return None if row is None else _principal(row)
+
+    def list_principals(self) -> list[Principal]:
+        with self._reading() as conn:
+            rows = conn.execute(select(principals).order_by(principals.c.id)).all()
+        return [_principal(r) for r in rows]
+
+    def insert_principal(self, principal: Principal) -> None:
+        try:
+            with self._writing() as conn:
+                conn.execute(insert(principals).values(**_principal_row(principal)))
+        except IntegrityError:
+            raise ConflictError(
+                f"principal {principal.id!r} exists, or its key is registered to another"
+            ) from None
+
+    def update_principal(self, principal: Principal) -> None:
+        try:
+            with self._writing() as conn:
+                conn.execute(
+                    update(principals)
+                    .where(principals.c.id == principal.id)
+                    .values(**_principal_row(principal))
+                )
+        except IntegrityError:
+            raise ConflictError("that key is registered to another principal") from None
+
+    def revoked_jtis(self) -> frozenset[str]:
+        """Revoked tokens that have not expired yet: the set every request is checked against."""
+        cache = self._current()
+        if cache.revoked is None:
+            with self._reading() as conn:
+                jtis = conn.execute(
+                    select(issued_tokens.c.jti).where(
+                        issued_tokens.c.revoked_at.is_not(None),
+                        issued_tokens.c.expires_at > time.time() - 60,
+                    )
+                ).scalars()
+                cache.revoked = frozenset(jtis)
+        return cache.revoked
+
+    def issued_token(self, jti: str) -> dict[str, Any] | None:
+        with self._reading() as conn:
+            row = conn.execute(select(issued_tokens).where(issued_tokens.c.jti == jti)).first()
+        return None if row is None else _issued(row)
+
+    def issued_tokens(
+        self, *, principal: str | None = None, limit: int = 1000
+    ) -> list[dict[str, Any]]:
+        query = select(issued_tokens).order_by(issued_tokens.c.issued_at.desc()).limit(limit)
+        if principal is not None:
+            query = query.where(issued_tokens.c.principal == principal)
+        with self._reading() as conn:
+            return [_issued(r) for r in conn.execute(query).all()]
+
+    def revoke_jtis(
+        self,
+        at: float,
+        *,
+        jti: str | None = None,
+        proposal_id: str | None = None,
+        principal: str | None = None,
+    ) -> int:
+        """Revoke issued tokens by id, by grant or by principal; returns how many."""
+        query = update(issued_tokens).where(issued_tokens.c.revoked_at.is_(None))
+        if jti is not None:
+            query = query.where(issued_tokens.c.jti == jti)
+        if proposal_id is not None:
+            query = query.where(issued_tokens.c.proposal_id == proposal_id)
+        if principal is not None:
+            query = query.where(issued_tokens.c.principal == principal)
+        with self._writing() as conn:
+            count = conn.execute(query.values(revoked_at=at)).rowcount
+        return int(count)
+
+    def insert_proposal(self, proposal: Proposal, *, max_uses: int | None) -> None:
+        try:
+            with self._writing() as conn:
+                conn.execute(
+                    insert(proposals).values(
+                        id=proposal.id,
+                        kind=proposal.kind.value,
+                        requester=proposal.requester,
+                        payload=orjson.dumps(
+                            proposal.payload, option=orjson.OPT_SORT_KEYS
+                        ).decode(),
+                        audience=proposal.audience,
+                        created_at=proposal.created_at,
+                        expires_at=proposal.expires_at,
+                        state=ProposalState.PENDING.value,
+                        decided_at=None,
+                        uses=0,
+                        max_uses=max_uses,
+                    )
+                )
+        except IntegrityError:
+            raise ConflictError(f"proposal {proposal.id!r} exists") from None
+
+    def proposal(self, proposal_id: str) -> StoredProposal | None:
+        with self._reading() as conn:
+            row = conn.execute(select(proposals).where(proposals.c.id == proposal_id)).first()
+            if row is None:
+                return None
+            votes = conn.execute(
+                select(approvals)
+                .where(approvals.c.proposal_id == proposal_id)
+                .order_by(approvals.c.signed_at)
+            ).all()
+        return _stored_proposal(row, votes)
+
+    def list_proposals(self, *, limit: int = 200) -> list[StoredProposal]:
+        with self._reading() as conn:
+            rows = conn.execute(
+                select(proposals).order_by(proposals.c.created_at.desc()).limit(limit)
+            ).all()
+            votes = conn.execute(
+                select(approvals).where(approvals.c.proposal_id.in_([r.id for r in rows]))
+            ).all()
+        by_id: dict[str, list[Any]] = {}
+        for vote in votes:
+            by_id.setdefault(vote.proposal_id, []).append(vote)
+        return [_stored_proposal(r, by_id.get(r.id, [])) for r in rows]
+
+    def add_approval(self, approval: Approval) -> None:
+        try:
+            with self._writing() as conn:
+                conn.execute(
+                    insert(approvals).values(
+                        proposal_id=approval.proposal_id,
+                        official=approval.official,
+                        verdict=approval.verdict.value,
+                        signed_at=approval.signed_at,
+                        signature=approval.signature,
+                    )
+                )
+        except IntegrityError:
+            raise ConflictError(
+                f"{approval.official!r} has already decided on this proposal"
+            ) from None
+
+    def set_proposal_state(
+        self, proposal_id: str, state: ProposalState, at: float, *, expect: ProposalState
+    ) -> bool:
+        """Compare-and-set, so that two nodes cannot both act on one approval."""
+        with self._writing() as conn:
+            count = conn.execute(
+                update(proposals)
+                .where(proposals.c.id == proposal_id, proposals.c.state == expect.value)
+                .values(state=state.value, decided_at=at)
+            ).rowcount
+        return bool(count)
+
+    def emergency(self, now: float) -> dict[str, Any] | None:
+        """The emergency in force at ``now``, if any (cached per registry generation)."""
+        cache = self._current()
+        if cache.emergency is None:
+            with self._reading() as conn:
+                row = conn.execute(
+                    select(emergencies)
+                    .where(emergencies.c.ended_at.is_(None))
+                    .order_by(emergencies.c.ends_at.desc())
+                ).first()
+            cache.emergency = ({str(k): v for k, v in row._mapping.items()} if row else {},)
+        found = cache.emergency[0]
+        if not found or found["ends_at"] <= now:
+            return None
+        return dict(found)
+
+    def declare_emergency(self, proposal_id: str, at: float, ends_at: float) -> None:
+        with self._writing() as conn:
+            conn.execute(
+                insert(emergencies).values(proposal_id=proposal_id, declared_at=at, ends_at=ends_at)
+            )
+
+    def end_emergency(self, at: float, ended_by: str) -> int:
+        with self._writing() as conn:
+            count = conn.execute(
+                update(emergencies)
+                .where(emergencies.c.ended_at.is_(None))
+                .values(ended_at=at, ended_by=ended_by)
+            ).rowcount
+        return int(count)
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[Any]:
+        try:
+            with self._engine.connect() as conn:
+                yield conn
+        except SQLAlchemyError as exc:
+            raise StorageError("metadata store unavailable") from exc
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[Any]:
+        """A transaction that also bumps the registry generation (every cache depends on it)."""
+        try:
+            with self._engine.begin() as conn:
+                yield conn
+                self._bump(conn)
+        except IntegrityError:
+            raise
+        except SQLAlchemyError as exc:
+            raise StorageError("metadata store unavailable") from exc
+
     # --- audit ----------------------------------------------------------------------------
 
     def append(self, records: Iterable[AuditRecord]) -> None:
+        self.commit([(record, None) for record in records])
+
+    def commit(self, batch: Sequence[tuple[AuditRecord, Admission | None]]) -> list[Refusal | None]:
         """One transaction per batch, on the raw connection: this runs once per request."""
-        rows = [
-            (
-                r.time,
-                r.request_id,
-                r.node,
-                orjson.dumps(r.to_json(), option=orjson.OPT_SORT_KEYS).decode(),
-            )
-            for r in records
-        ]
-        if not rows:
-            return
+        if not batch:
+            return []
         connection = self._raw_connection()
+        postgres = self._engine.dialect.name == "postgresql"
         try:
             cursor = connection.cursor()
             try:
-                if self._engine.dialect.name == "postgresql":
+                if postgres:
                     with connection.driver_connection.transaction():
-                        cursor.executemany(_INSERT_AUDIT_PG, rows)
+                        outcome = self._commit_batch(cursor, batch, _PG_SQL)
                 else:
                     _begin_immediate(cursor)
-                    cursor.executemany(_INSERT_AUDIT_SQLITE, rows)
+                    try:
+                        outcome = self._commit_batch(cursor, batch, _SQLITE_SQL)
+                    except BaseException:
+                        connection.rollback()
+                        raise
                     connection.commit()
             finally:
                 cursor.close()
         except Exception:
             self._drop_raw_connection()
             raise
+        return outcome
+
+    def _commit_batch(
+        self,
+        cursor: Any,
+        batch: Sequence[tuple[AuditRecord, Admission | None]],
+        sql: Mapping[str, str],
+    ) -> list[Refusal | None]:
+        outcome: list[Refusal | None] = []
+        rows = []
+        for record, admission in batch:
+            refusal = None if admission is None else _admit(cursor, admission, sql)
+            outcome.append(refusal)
+            if refusal is not None:
+                record = replace(  # noqa: PLW2901 - the record says what really happened
+                    record, decision="deny", status=refusal.status, reason=refusal.reason
+                )
+            rows.append(
+                (
+                    record.time,
+                    record.request_id,
+                    record.node,
+                    orjson.dumps(record.to_json(), option=orjson.OPT_SORT_KEYS).decode(),
+                )
+            )
+        cursor.executemany(sql["audit"], rows)
+        now = time.time()
+        if now - self._last_sweep > _SWEEP_SECONDS:
+            self._last_sweep = now
+            cursor.execute(sql["sweep"], (now,))
+        return outcome
 
     def audit_records(self, limit: int = 1000) -> list[dict[str, Any]]:
         with self._engine.connect() as conn:
@@ -488,6 +789,108 @@ class SqlStore:
                 select(audit_log.c.seq, audit_log.c.record).order_by(audit_log.c.seq).limit(limit)
             ).all()
         return [{"seq": seq, **json.loads(record)} for seq, record in rows]
+
+
+@dataclass(frozen=True)
+class StoredProposal:
+    proposal: Proposal
+    state: ProposalState
+    decided_at: float | None
+    uses: int
+    max_uses: int | None
+    approvals: tuple[Approval, ...]
+
+
+def _stored_proposal(row: Any, votes: Iterable[Any]) -> StoredProposal:
+    proposal = Proposal(
+        id=row.id,
+        kind=ProposalKind(row.kind),
+        requester=row.requester,
+        payload=orjson.loads(row.payload),
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+        audience=row.audience,
+    )
+    return StoredProposal(
+        proposal=proposal,
+        state=ProposalState(row.state),
+        decided_at=row.decided_at,
+        uses=row.uses,
+        max_uses=row.max_uses,
+        approvals=tuple(
+            Approval(v.proposal_id, v.official, Verdict(v.verdict), v.signed_at, v.signature)
+            for v in votes
+        ),
+    )
+
+
+def _principal(row: Any) -> Principal:
+    return Principal(
+        id=row.id,
+        roles=frozenset(Role(r) for r in orjson.loads(row.roles)),
+        jwk=orjson.loads(row.jwk),
+        thumbprint=row.thumbprint,
+        created_at=row.created_at,
+        created_by=row.created_by,
+        disabled_at=row.disabled_at,
+        tokens_valid_after=row.tokens_valid_after,
+        display_name=row.display_name,
+    )
+
+
+def _principal_row(principal: Principal) -> dict[str, Any]:
+    return {
+        "id": principal.id,
+        "display_name": principal.display_name,
+        "roles": orjson.dumps(sorted(r.value for r in principal.roles)).decode(),
+        "jwk": orjson.dumps(dict(principal.jwk), option=orjson.OPT_SORT_KEYS).decode(),
+        "thumbprint": principal.thumbprint,
+        "created_at": principal.created_at,
+        "created_by": principal.created_by,
+        "disabled_at": principal.disabled_at,
+        "tokens_valid_after": principal.tokens_valid_after,
+    }
+
+
+def _issued(row: Any) -> dict[str, Any]:
+    return {
+        "jti": row.jti,
+        "principal": row.principal,
+        "roles": orjson.loads(row.roles),
+        "scope": None if row.scope is None else orjson.loads(row.scope),
+        "proposal_id": row.proposal_id,
+        "jkt": row.jkt,
+        "issued_at": row.issued_at,
+        "expires_at": row.expires_at,
+        "revoked_at": row.revoked_at,
+    }
+
+
+def _admit(cursor: Any, admission: Admission, sql: Mapping[str, str]) -> Refusal | None:
+    for id_hash, keep_until in admission.once:
+        cursor.execute(sql["once"], (id_hash, keep_until))
+        if cursor.rowcount != 1:
+            return Refusal(401, "one-time id replayed")
+    if admission.use_of is not None:
+        cursor.execute(sql["use"], (admission.use_of,))
+        if cursor.rowcount != 1:
+            return Refusal(403, "grant exhausted, revoked or not approved")
+    issued = admission.issued
+    if issued is not None:
+        cursor.execute(
+            sql["issued"],
+            (
+                issued.jti,
+                issued.principal,
+                orjson.dumps(list(issued.roles)).decode(),
+                None if issued.scope is None else orjson.dumps(issued.scope).decode(),
+                issued.proposal_id,
+                issued.jkt,
+                issued.issued_at,
+                issued.expires_at,
+            ),
+        )
+    return None
 
 
 def _begin_immediate(cursor: Any) -> None:
