@@ -676,11 +676,16 @@ class SqlStore:
         if cache.emergency is None:
             with self._reading() as conn:
                 row = conn.execute(
-                    select(emergencies)
+                    select(
+                        emergencies.c.proposal_id,
+                        emergencies.c.declared_at,
+                        emergencies.c.ends_at,
+                    )
                     .where(emergencies.c.ended_at.is_(None))
                     .order_by(emergencies.c.ends_at.desc())
                 ).first()
-            cache.emergency = ({str(k): v for k, v in row._mapping.items()} if row else {},)
+            names = ("proposal_id", "declared_at", "ends_at")
+            cache.emergency = (dict(zip(names, row, strict=True)) if row else {},)
         found = cache.emergency[0]
         if not found or found["ends_at"] <= now:
             return None
