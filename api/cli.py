@@ -201,22 +201,99 @@ def cmd_operator_unseal(args: argparse.Namespace) -> int:
         result = client.call("PUT", "sys/unseal", {"reset": True})
         _print(args, result, _status_text(result))
         return 0
-    if args.key:
-        share = args.key
-    elif args.file == "-":
-        share = sys.stdin.readline().strip()
-    elif args.file:
-        try:
-            share = Path(args.file).read_text().strip()
-        except OSError as exc:
-            fail(f"cannot read share file {args.file}: {exc.strerror}")
-    elif sys.stdin.isatty():
-        share = getpass.getpass("Unseal share (will be hidden): ").strip()
-    else:
+    share = _read_share(args, "Unseal share (will be hidden): ")
+    if share is None:
         fail("no share given: pass it as an argument, with --file, or run in a terminal")
     result = client.call("PUT", "sys/unseal", {"key": share})
     _print(args, result, _status_text(result))
     return 0
+
+
+def _read_share(args: argparse.Namespace, prompt: str) -> str | None:
+    """The share from the argument, ``--file`` (``-``: one stdin line) or a hidden prompt."""
+    if args.key:
+        return str(args.key)
+    if args.file == "-":
+        return sys.stdin.readline().strip()
+    if args.file:
+        try:
+            return Path(args.file).read_text().strip()
+        except OSError as exc:
+            fail(f"cannot read share file {args.file}: {exc.strerror}")
+    if sys.stdin.isatty():
+        return getpass.getpass(prompt).strip()
+    return None
+
+
+def _root_generation_text(s: dict[str, Any]) -> str:
+    lines = [
+        f"Nonce           {s.get('nonce') or 'n/a'}",
+        f"Started         {str(s.get('started')).lower()}",
+        f"Progress        {s.get('progress')}/{s.get('required')}",
+        f"Complete        {str(s.get('complete')).lower()}",
+    ]
+    if s.get("encoded_token"):
+        lines.append(f"Encoded Token   {s['encoded_token']}")
+    if s.get("otp"):
+        lines.append(f"OTP             {s['otp']}")
+    lines.append(f"OTP Length      {s.get('otp_length')}")
+    return "\n".join(lines)
+
+
+def _decode_root_token(args: argparse.Namespace) -> int:
+    from kms.tokens import decode_with_otp
+
+    if not args.otp:
+        fail("-decode needs the -otp of the attempt")
+    encoded = sys.stdin.readline().strip() if args.decode == "-" else args.decode.strip()
+    token = decode_with_otp(encoded, args.otp.strip())
+    _print(args, {"token": token}, token)
+    return 0
+
+
+def _submit_root_share(args: argparse.Namespace, client: Client) -> int:
+    nonce = args.nonce
+    if not nonce and not args.key and not args.file and sys.stdin.isatty():
+        nonce = client.call("GET", "sys/generate-root/attempt").get("nonce")
+        if not nonce:
+            fail("no root generation is in progress: start one with -init")
+        print(f"Operation nonce: {nonce}", file=sys.stderr)
+    if not nonce:
+        fail("give the attempt's -nonce (shown by -init and -status) with the share")
+    share = _read_share(args, "Unseal share (will be hidden): ")
+    if share is None:
+        fail("no share given: pass it as an argument, with --file, or run in a terminal")
+    result = client.call("PUT", "sys/generate-root/update", {"key": share, "nonce": nonce})
+    text = _root_generation_text(result)
+    if result.get("complete"):
+        text += "\n\nDecode it with: ekms operator generate-root -decode ENCODED -otp OTP"
+    _print(args, result, text)
+    return 0
+
+
+def cmd_operator_generate_root(args: argparse.Namespace) -> int:
+    if args.decode is not None:
+        return _decode_root_token(args)
+    client = _client(args)
+    if args.cancel:
+        client.call("DELETE", "sys/generate-root/attempt")
+        print("Success! Root token generation canceled (if it was started)")
+        return 0
+    if args.status:
+        result = client.call("GET", "sys/generate-root/attempt")
+        _print(args, result, _root_generation_text(result))
+        return 0
+    if args.init:
+        result = client.call("PUT", "sys/generate-root/attempt", {"otp": args.otp or ""})
+        text = _root_generation_text(result)
+        if result.get("otp"):
+            text += (
+                "\n\nKeep the OTP: it is shown once, and only it decodes the new root token "
+                "(ekms operator generate-root -decode ENCODED -otp OTP)."
+            )
+        _print(args, result, text)
+        return 0
+    return _submit_root_share(args, client)
 
 
 def cmd_operator_seal(args: argparse.Namespace) -> int:
@@ -309,9 +386,9 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement 
     )
     server.set_defaults(func=cmd_server)
 
-    operator = sub.add_parser("operator", help="init, unseal, seal, status").add_subparsers(
-        dest="action", required=True
-    )
+    operator = sub.add_parser(
+        "operator", help="init, unseal, seal, status, generate-root"
+    ).add_subparsers(dest="action", required=True)
     init = operator.add_parser("init", help="initialise and print the shares")
     init.add_argument("-key-shares", "--key-shares", type=int, default=5)
     init.add_argument("-key-threshold", "--key-threshold", type=int, default=3)
@@ -329,7 +406,30 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement 
     seal.set_defaults(func=cmd_operator_seal)
     status = operator.add_parser("status", help="seal status (exit 2 if sealed)")
     status.set_defaults(func=cmd_operator_status)
-    for p in (init, unseal, seal, status):
+    generate_root = operator.add_parser(
+        "generate-root", help="mint a new root token with a quorum of shares"
+    )
+    mode = generate_root.add_mutually_exclusive_group()
+    mode.add_argument("-init", "--init", action="store_true", help="start an attempt")
+    mode.add_argument("-cancel", "--cancel", action="store_true", help="cancel the attempt")
+    mode.add_argument("-status", "--status", action="store_true", help="show the attempt")
+    mode.add_argument(
+        "-decode", "--decode", metavar="ENCODED", help="decode a token with -otp ('-': stdin)"
+    )
+    generate_root.add_argument(
+        "-otp", "--otp", help="with -init: your own OTP (else one is generated); with -decode"
+    )
+    generate_root.add_argument(
+        "-nonce", "--nonce", help="the attempt's nonce (needed with a share argument or --file)"
+    )
+    generate_root.add_argument(
+        "key", nargs="?", help="the share (visible in shell history: prefer the prompt)"
+    )
+    generate_root.add_argument(
+        "-file", "--file", help="read the share from a file ('-': one line from stdin)"
+    )
+    generate_root.set_defaults(func=cmd_operator_generate_root)
+    for p in (init, unseal, seal, status, generate_root):
         client_options(p)
 
     key = sub.add_parser("key", help="transit keys").add_subparsers(dest="action", required=True)

@@ -1,4 +1,4 @@
-"""``/v1/sys``: health, init, seal status, unseal, seal — in Vault's shapes."""
+"""``/v1/sys``: health, init, seal status, unseal, seal, generate-root — in Vault's shapes."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
-from api.http import Body, Call, Handler, json_response, parse_model
+from api.http import Body, Call, Handler, envelope, json_response, parse_model
 from kms.errors import InvalidRequestError, NotInitializedError
 
 if TYPE_CHECKING:
     from api.runtime import SealControl
+    from kms.root_generation import RootGenerationStatus
     from kms.seal import SealStatus
 
 VERSION = "0.1.0"
@@ -34,6 +35,43 @@ class UnsealRequest(Body):
     key: str | None = None
     reset: bool = False
     migrate: bool = False
+
+
+class GenerateRootStartRequest(Body):
+    otp: str | None = None
+    pgp_key: str | None = None
+
+
+class GenerateRootUpdateRequest(Body):
+    key: str
+    nonce: str
+
+
+def root_generation_body(status: RootGenerationStatus) -> dict[str, Any]:
+    """Vault's generate-root status; ``encoded_root_token`` is the pre-1.10 name of the token."""
+    return {
+        "started": status.started,
+        "nonce": status.nonce,
+        "progress": status.progress,
+        "required": status.required,
+        "complete": status.complete,
+        "encoded_token": status.encoded_token,
+        "encoded_root_token": status.encoded_token,
+        "pgp_fingerprint": "",
+        "otp_length": status.otp_length,
+        "otp": status.otp,
+    }
+
+
+def root_generation_details(status: RootGenerationStatus) -> dict[str, Any]:
+    """What the audit record keeps of a generate-root step: never a share, the OTP or a token."""
+    details: dict[str, Any] = {"started": status.started, "progress": status.progress}
+    if status.member is not None:
+        details["member"] = status.member
+    if status.complete:
+        details["complete"] = True
+        details["token_id"] = status.token_id
+    return details
 
 
 def seal_status_body(status: SealStatus, storage: str) -> dict[str, Any]:
@@ -57,7 +95,7 @@ def seal_status_body(status: SealStatus, storage: str) -> dict[str, Any]:
     return body
 
 
-def build_router(handler: Handler, seal: SealControl) -> APIRouter:  # noqa: C901 - one closure per path
+def build_router(handler: Handler, seal: SealControl) -> APIRouter:  # noqa: C901, PLR0915 - one closure per path
     router = APIRouter(prefix="/v1/sys", tags=["sys"])
     runtime = handler.runtime
     storage = runtime.store._engine.dialect.name  # noqa: SLF001 - shown as Vault's storage_type
@@ -158,6 +196,69 @@ def build_router(handler: Handler, seal: SealControl) -> APIRouter:  # noqa: C90
             return 204, None
 
         return await handler.run(request, "sys.seal", work, key_operation=False, root_only=True)
+
+    # Generate-root takes no token, as in Vault: a quorum of shares is the authority. OpenBao
+    # 2.6+ moved it to sys/generate-root-token/* (which its CLI calls, answers in the usual
+    # envelope); both paths reach the same attempt, held by the node's custodian.
+    def root_answer(call: Call, request: Request, status: RootGenerationStatus) -> tuple[int, Any]:
+        call.details = root_generation_details(status)
+        body = root_generation_body(status)
+        if "/generate-root-token/" in request.scope["path"]:
+            return 200, envelope(call, body)
+        return 200, body
+
+    async def run_root(request: Request, operation: str, work: Any, *, body: bool) -> Response:
+        return await handler.run(
+            request, operation, work, key_operation=False, authenticated=False, body=body
+        )
+
+    @router.get("/generate-root/attempt")
+    @router.get("/generate-root-token/attempt")
+    async def root_generation_status(request: Request) -> Response:
+        def work(call: Call, _data: dict[str, Any]) -> tuple[int, Any]:
+            return root_answer(call, request, seal.root_generation_status())
+
+        return await run_root(request, "sys.generate-root.status", work, body=False)
+
+    @router.api_route("/generate-root/attempt", methods=["PUT", "POST"])
+    @router.api_route("/generate-root-token/attempt", methods=["PUT", "POST"])
+    async def root_generation_start(request: Request) -> Response:
+        def work(call: Call, data: dict[str, Any]) -> tuple[int, Any]:
+            body = parse_model(GenerateRootStartRequest, data)
+            if body.pgp_key:
+                raise InvalidRequestError(
+                    "pgp_key is not supported: the new root token is returned XORed with a "
+                    "one-time pad; give an otp, or none to have one generated"
+                )
+            status = seal.start_root_generation(body.otp or None)
+            answer = root_answer(call, request, status)
+            call.details["otp_generated"] = bool(status.otp)
+            return answer
+
+        return await run_root(request, "sys.generate-root.start", work, body=True)
+
+    @router.delete("/generate-root/attempt")
+    @router.delete("/generate-root-token/attempt")
+    async def root_generation_cancel(request: Request) -> Response:
+        def work(call: Call, _data: dict[str, Any]) -> tuple[int, Any]:
+            seal.cancel_root_generation()
+            call.details = {"cancelled": True}
+            return 204, None
+
+        return await run_root(request, "sys.generate-root.cancel", work, body=False)
+
+    @router.api_route("/generate-root/update", methods=["PUT", "POST"])
+    @router.api_route("/generate-root-token/update", methods=["PUT", "POST"])
+    async def root_generation_update(request: Request) -> Response:
+        def work(call: Call, data: dict[str, Any]) -> tuple[int, Any]:
+            body = parse_model(GenerateRootUpdateRequest, data)
+            if len(body.key) > 1024:
+                raise InvalidRequestError("share is too long to be a SLIP-39 mnemonic")
+            if len(body.nonce) > 64:
+                raise InvalidRequestError("nonce is too long to be a root generation nonce")
+            return root_answer(call, request, seal.submit_root_share(body.key, body.nonce))
+
+        return await run_root(request, "sys.generate-root.update", work, body=True)
 
     return router
 

@@ -1,10 +1,11 @@
 """Several worker processes per node, one custodian, and no secret on disk.
 
-The supervisor owns the node's ``Custodian``: workers forward unseal, reset, seal and status
-requests to it over a private pipe. When a quorum is reached the supervisor derives the keys and
-sends them down each worker's command pipe; each worker logs into the HSM itself (a PKCS#11
-login is per process). A worker that dies is restarted and, if the node is unsealed, opened.
-Workers are spawned, not forked, so no process inherits another's PKCS#11 state.
+The supervisor owns the node's ``Custodian``: workers forward unseal, reset, seal, status and
+generate-root requests to it over a private pipe. When a quorum is reached the supervisor
+derives the keys and sends them down each worker's command pipe; each worker logs into the HSM
+itself (a PKCS#11 login is per process). A worker that dies is restarted and, if the node is
+unsealed, opened. Workers are spawned, not forked, so no process inherits another's PKCS#11
+state.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from api.runtime import create_runtime, prepare_hsm
 from kms.derivation import RootKeys, wipe
@@ -29,9 +30,10 @@ from kms.errors import (
     InvalidRequestError,
     InvalidShareError,
     NotInitializedError,
+    SealedError,
     StorageError,
 )
-from kms.ports import SystemClock
+from kms.ports import SystemClock, SystemRandom
 from kms.seal import Custodian, SealStatus
 from storage.sql_store import SqlStore
 
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
     from multiprocessing.process import BaseProcess
 
     from api.settings import Settings
+    from kms.root_generation import RootGenerationStatus
 
 log = logging.getLogger("ekms.supervisor")
 _SPAWN = multiprocessing.get_context("spawn")
@@ -53,6 +56,7 @@ _ERRORS: dict[str, type[EkmsError]] = {
         InvalidRequestError,
         BackendError,
         StorageError,
+        SealedError,
     )
 }
 
@@ -87,6 +91,8 @@ class Supervisor:
             clock=SystemClock(),
             opener=self._open_all,
             closer=self._close_all,
+            tokens=self._store,
+            random=SystemRandom(),
             timeout=self.settings.unseal_timeout,
         )
         return self.custodian
@@ -219,15 +225,7 @@ class Supervisor:
             except (EOFError, OSError):
                 return
             try:
-                op = request[0]
-                if op == "submit":
-                    reply: tuple[Any, ...] = ("ok", custodian.submit(request[1]))
-                elif op == "reset":
-                    reply = ("ok", custodian.reset())
-                elif op == "seal":
-                    reply = ("ok", custodian.seal())
-                else:
-                    reply = ("ok", custodian.status())
+                reply: tuple[Any, ...] = ("ok", _custody_call(custodian, request))
             except EkmsError as exc:
                 reply = ("error", type(exc).__name__, str(exc))
             except Exception as exc:  # noqa: BLE001 - reported to the worker, logged by type
@@ -239,6 +237,21 @@ class Supervisor:
                 return
 
 
+def _custody_call(custodian: Custodian, request: tuple[Any, ...]) -> Any:
+    """Run one RPC request from a worker against the node's custodian."""
+    op, args = request[0], request[1:]
+    calls: dict[str, Any] = {
+        "submit": custodian.submit,
+        "reset": custodian.reset,
+        "seal": custodian.seal,
+        "root-status": custodian.root_generation_status,
+        "root-start": custodian.start_root_generation,
+        "root-update": custodian.submit_root_share,
+        "root-cancel": custodian.cancel_root_generation,
+    }
+    return calls.get(op, custodian.status)(*args)
+
+
 class RemoteSealControl:
     """A worker's view of the node custodian, over the RPC pipe to the supervisor."""
 
@@ -246,29 +259,44 @@ class RemoteSealControl:
         self._connection = connection
         self._lock = threading.Lock()
 
-    def _call(self, *request: Any) -> SealStatus:
+    def _call(self, *request: Any) -> Any:
         with self._lock:
             self._connection.send(request)
             reply = self._connection.recv()
         if reply[0] == "ok":
-            status: SealStatus = reply[1]
-            return status
+            return reply[1]
         kind = _ERRORS.get(reply[1], BackendError)
         if kind is NotInitializedError:
             raise NotInitializedError
+        if kind is SealedError:
+            raise SealedError
         raise kind(reply[2])
 
     def status(self) -> SealStatus:
-        return self._call("status")
+        return cast("SealStatus", self._call("status"))
 
     def submit(self, mnemonic: str) -> SealStatus:
-        return self._call("submit", mnemonic)
+        return cast("SealStatus", self._call("submit", mnemonic))
 
     def reset(self) -> SealStatus:
-        return self._call("reset")
+        return cast("SealStatus", self._call("reset"))
 
     def seal(self) -> SealStatus:
-        return self._call("seal")
+        return cast("SealStatus", self._call("seal"))
+
+    # The share, the nonce and a caller's OTP go to the supervisor; the reconstructed secret
+    # never comes back: only the new token, XORed with the OTP.
+    def root_generation_status(self) -> RootGenerationStatus:
+        return cast("RootGenerationStatus", self._call("root-status"))
+
+    def start_root_generation(self, otp: str | None) -> RootGenerationStatus:
+        return cast("RootGenerationStatus", self._call("root-start", otp))
+
+    def submit_root_share(self, mnemonic: str, nonce: str) -> RootGenerationStatus:
+        return cast("RootGenerationStatus", self._call("root-update", mnemonic, nonce))
+
+    def cancel_root_generation(self) -> RootGenerationStatus:
+        return cast("RootGenerationStatus", self._call("root-cancel"))
 
 
 def worker_main(
@@ -309,13 +337,13 @@ def _command_loop(runtime: Any, commands: Connection) -> None:
         try:
             message = bytearray(commands.recv_bytes())
         except (EOFError, OSError):
-            runtime.barrier.close()
+            runtime.seal_process()
             return
         try:
             if message[:1] == b"O":
                 runtime.open_barrier(RootKeys.from_bytes(message[1:]))
             elif message[:1] == b"C":
-                runtime.barrier.close()
+                runtime.seal_process()
             commands.send_bytes(b"K")
         except EkmsError as exc:
             commands.send_bytes(b"E" + str(exc).encode())

@@ -4,6 +4,7 @@ restart comes up sealed and decrypts what was wrapped before it, and the CLI dri
 from __future__ import annotations
 
 import base64
+import json
 import os
 import signal
 import subprocess
@@ -155,6 +156,71 @@ def test_restart_unseal_with_another_subset_and_decrypt(
                 "registry", ciphertext=wrapped[0]["ciphertext"], context=context
             )
     client.adapter.close()
+    assert "Traceback" not in (tmp_path / "server.log").read_text()
+
+
+def test_generate_root_with_the_cli_and_revoke_self_on_every_worker(
+    ekms: ServerProcess, tmp_path: Path
+) -> None:
+    client = hvac.Client(url=ekms.url)
+    init = client.sys.initialize(secret_shares=5, secret_threshold=3)
+    old, shares = init["root_token"], init["keys"]
+    client.sys.submit_unseal_keys(shares[:3])
+    client.adapter.close()
+    generate = ("operator", "generate-root")
+
+    start = cli(ekms, *generate, "-init", "-format", "json")
+    assert start.returncode == 0, start.stderr
+    attempt = json.loads(start.stdout)
+    nonce, otp = attempt["nonce"], attempt["otp"]
+    assert len(otp) == attempt["otp_length"]
+    again = cli(ekms, *generate, "-init")
+    assert again.returncode == 2
+    assert "already in progress" in again.stderr
+    # Each CLI run is a new connection, so the shares reach the supervisor's one attempt
+    # through whichever worker accepts it.
+    share_file = tmp_path / "share.txt"
+    share_file.write_text(shares[3] + "\n")
+    first = cli(ekms, *generate, "-nonce", nonce, "--file", str(share_file))
+    assert first.returncode == 0, first.stderr
+    assert "Progress        1/3" in first.stdout
+    no_nonce = cli(ekms, *generate, "--file", str(share_file))
+    assert no_nonce.returncode == 2
+    assert "-nonce" in no_nonce.stderr
+    duplicate = cli(ekms, *generate, "-nonce", nonce, "--file", "-", stdin=shares[3] + "\n")
+    assert duplicate.returncode == 2
+    assert "already submitted" in duplicate.stderr
+    status = cli(ekms, *generate, "-status")
+    assert "Progress        1/3" in status.stdout
+    assert cli(ekms, *generate, "-nonce", nonce, "--file", "-", stdin=shares[4]).returncode == 0
+    last = cli(ekms, *generate, "-nonce", nonce, "-format", "json", "--file", "-", stdin=shares[0])
+    assert last.returncode == 0, last.stderr
+    encoded = json.loads(last.stdout)["encoded_token"]
+    wrong = cli(ekms, *generate, "-decode", encoded, "-otp", otp[:-1])
+    assert wrong.returncode == 2
+    assert wrong.stderr.startswith("Error: the otp has")
+    decoded = cli(ekms, *generate, "-decode", encoded, "-otp", otp)
+    assert decoded.returncode == 0, decoded.stderr
+    new = decoded.stdout.strip()
+    assert new.startswith("ekms.")
+    assert cli(ekms, *generate, "-cancel").stdout.startswith("Success!")
+
+    def read(token: str) -> int:  # a fresh connection per request spreads them over workers
+        return requests.get(
+            f"{ekms.url}/v1/transit/keys/registry", headers={"X-Vault-Token": token}, timeout=10
+        ).status_code
+
+    created = requests.post(
+        f"{ekms.url}/v1/transit/keys/registry", headers={"X-Vault-Token": new}, timeout=10
+    )
+    assert created.status_code == 200, created.text
+    assert {read(old) for _ in range(12)} == {200}
+    revoked = requests.post(
+        f"{ekms.url}/v1/auth/token/revoke-self", headers={"X-Vault-Token": old}, timeout=10
+    )
+    assert revoked.status_code == 204
+    assert {read(old) for _ in range(12)} == {403}
+    assert {read(new) for _ in range(12)} == {200}
     assert "Traceback" not in (tmp_path / "server.log").read_text()
 
 
