@@ -10,8 +10,8 @@ log gets a short reason that never quotes the token. Time is a parameter; there 
 
 from __future__ import annotations
 
-import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import re
@@ -40,7 +40,8 @@ _MAX_ID_LENGTH = 128
 _MAX_TIME = 2**40  # JSON numbers beyond this are not times (and cannot overflow a float)
 _SIGNATURE_LENGTH = 64  # ES256 r || s and Ed25519 alike
 _COORDINATE_LENGTH = 32
-_B64URL = re.compile(r"[A-Za-z0-9_-]*")
+_FROM_URLSAFE = bytes.maketrans(b"-_+/=", b"+/!!!")
+_TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
 _REFUSED_HEADERS = ("crit", "jku", "x5u", "x5c")
 _PRIVATE_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "k", "oth")
 _OPTIONAL_MEMBERS = frozenset({"kid", "alg", "use"})
@@ -73,7 +74,7 @@ _KEY_TYPES = {
 
 
 def b64url_encode(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+    return binascii.b2a_base64(data, newline=False).rstrip(b"=").translate(_TO_URLSAFE).decode()
 
 
 def b64url_decode(text: str) -> bytes:
@@ -81,13 +82,14 @@ def b64url_decode(text: str) -> bytes:
 
     Canonical means unused trailing bits are zero, so no two strings decode to the same bytes.
     """
-    if not isinstance(text, str) or len(text) % 4 == 1 or not _B64URL.fullmatch(text):
+    if not isinstance(text, str) or len(text) % 4 == 1 or not text.isascii():
         raise AuthenticationError("malformed base64url")
+    standard = text.encode().translate(_FROM_URLSAFE)  # "+", "/" and "=" become invalid
     try:
-        data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError):
+        data = binascii.a2b_base64(standard + b"=" * (-len(standard) % 4), strict_mode=True)
+    except binascii.Error:
         raise AuthenticationError("malformed base64url") from None
-    if b64url_encode(data) != text:
+    if binascii.b2a_base64(data, newline=False).rstrip(b"=") != standard:
         raise AuthenticationError("malformed base64url")
     return data
 
@@ -155,7 +157,14 @@ def _parse_jwk(obj: object) -> PublicJwk:
         raise _JwkError("jwk kty must be EC (P-256) or OKP (Ed25519)")
     _check_members(obj, key_type)
     _check_optional_members(obj, key_type)
-    coordinates = [_coordinate(obj, name) for name in ("x", "y") if name in key_type.members]
+    return _public_jwk(key_type, *(obj[name] for name in key_type.members))
+
+
+@functools.lru_cache(maxsize=1024)
+def _public_jwk(key_type: _KeyType, *values: str) -> PublicJwk:
+    """Build the key from the required members alone; cached, since a client reuses its key."""
+    members = dict(zip(key_type.members, values, strict=True))
+    coordinates = [_coordinate(members, name) for name in ("x", "y") if name in members]
     try:
         if key_type.kty == "EC":
             key: Any = ec.EllipticCurvePublicKey.from_encoded_point(
@@ -165,7 +174,6 @@ def _parse_jwk(obj: object) -> PublicJwk:
             key = ed25519.Ed25519PublicKey.from_public_bytes(coordinates[0])
     except ValueError:
         raise _JwkError(f"jwk is not a valid {key_type.crv} public key") from None
-    members = {name: str(obj[name]) for name in key_type.members}
     return PublicJwk(key_type.alg, jwk_thumbprint(members), MappingProxyType(members), key)
 
 
