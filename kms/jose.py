@@ -2,7 +2,8 @@
 
 Only what the service needs. A token never chooses how it is verified: the algorithm must equal
 the one the key was registered for, keys are never fetched or taken from certificates (``jku``,
-``x5u``, ``x5c``), extensions (``crit``, ``b64``) are refused, and only ES256 and EdDSA exist.
+``x5u``, ``x5c``), extensions (``crit``, ``"b64": false``) are refused, and only ES256 and EdDSA
+exist.
 
 Every verification failure is one ``AuthenticationError``: the caller learns nothing, the audit
 log gets a short reason that never quotes the token. Time is a parameter; there is no I/O.
