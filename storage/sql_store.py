@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 from alembic import command
@@ -42,11 +42,13 @@ from storage.schema import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator, Mapping, Sequence
+    from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
     from kms.audit import Admission, AuditRecord
 
 log = logging.getLogger("ekms.storage")
+K = TypeVar("K")
+V = TypeVar("V")
 _MIGRATIONS = Path(__file__).parent / "migrations"
 _PG_MIGRATION_LOCK = 0x656B6D73  # "ekms": one migrator at a time across nodes
 _CACHE_LIMIT = 4096  # entries per cache; only rows that exist are cached, so callers cannot grow it
@@ -286,13 +288,7 @@ class SqlStore:
     # --- tokens ---------------------------------------------------------------------------
 
     def find_token(self, token_hash: bytes) -> tuple[str, Sequence[str]] | None:
-        cache = self._current()
-        found = cache.tokens.get(token_hash)
-        if found is None:
-            found = self._load_token(token_hash)
-            if found is not None and len(cache.tokens) < _CACHE_LIMIT:
-                cache.tokens[token_hash] = found
-        return found
+        return _cached(self._current().tokens, token_hash, self._load_token)
 
     def revoke_token(self, token_id: str, at: float) -> bool:
         """Returns False if no live token has that id."""
@@ -330,39 +326,25 @@ class SqlStore:
             raise StorageError("metadata store unavailable") from exc
 
     def _load_token(self, token_hash: bytes) -> tuple[str, tuple[str, ...]] | None:
-        try:
-            with self._engine.connect() as conn:
-                row = conn.execute(
-                    select(tokens.c.id, tokens.c.policies).where(
-                        tokens.c.token_hash == token_hash, tokens.c.revoked_at.is_(None)
-                    )
-                ).first()
-        except SQLAlchemyError as exc:
-            raise StorageError("metadata store unavailable") from exc
+        with self._reading() as conn:
+            row = conn.execute(
+                select(tokens.c.id, tokens.c.policies).where(
+                    tokens.c.token_hash == token_hash, tokens.c.revoked_at.is_(None)
+                )
+            ).first()
         return None if row is None else (row[0], tuple(json.loads(row[1])))
 
     # --- keys -----------------------------------------------------------------------------
 
     def get_policy(self, name: str) -> KeyPolicy | None:
-        cache = self._current()
-        policy = cache.policies.get(name)
-        if policy is None:
-            policy = self._load_policy(name)
-            if policy is not None and len(cache.policies) < _CACHE_LIMIT:
-                cache.policies[name] = policy
-        return policy
+        return _cached(self._current().policies, name, self._load_policy)
 
     def _load_policy(self, name: str) -> KeyPolicy | None:
-        try:
-            with self._engine.connect() as conn:
-                key = conn.execute(select(transit_keys).where(transit_keys.c.name == name)).first()
-                if key is None:
-                    return None
-                rows = conn.execute(
-                    select(key_versions).where(key_versions.c.key_name == name)
-                ).all()
-        except SQLAlchemyError as exc:
-            raise StorageError("metadata store unavailable") from exc
+        with self._reading() as conn:
+            key = conn.execute(select(transit_keys).where(transit_keys.c.name == name)).first()
+            if key is None:
+                return None
+            rows = conn.execute(select(key_versions).where(key_versions.c.key_name == name)).all()
         if key.latest_version == 0:
             return None  # creation still pending: not visible yet
         return KeyPolicy(
@@ -507,13 +489,7 @@ class SqlStore:
     # --- identities, issued tokens, proposals, emergencies ------------------------------------
 
     def principal(self, principal_id: str) -> Principal | None:
-        cache = self._current()
-        found = cache.principals.get(principal_id)
-        if found is None:
-            found = self._load_principal(principal_id)
-            if found is not None and len(cache.principals) < _CACHE_LIMIT:
-                cache.principals[principal_id] = found
-        return found
+        return _cached(self._current().principals, principal_id, self._load_principal)
 
     def _load_principal(self, principal_id: str) -> Principal | None:
         with self._reading() as conn:
@@ -794,6 +770,16 @@ class SqlStore:
                 select(audit_log.c.seq, audit_log.c.record).order_by(audit_log.c.seq).limit(limit)
             ).all()
         return [{"seq": seq, **json.loads(record)} for seq, record in rows]
+
+
+def _cached(entries: dict[K, V], key: K, load: Callable[[K], V | None]) -> V | None:
+    """Serve ``key`` from one of the generation-checked caches, loading rows that exist."""
+    found = entries.get(key)
+    if found is None:
+        found = load(key)
+        if found is not None and len(entries) < _CACHE_LIMIT:
+            entries[key] = found
+    return found
 
 
 @dataclass(frozen=True)
