@@ -89,6 +89,7 @@ class Call:
         self.admission = Admission(
             once=self.admission.once + extra.once,
             use_of=extra.use_of or self.admission.use_of,
+            uses=extra.uses if extra.use_of else self.admission.uses,
             issued=extra.issued or self.admission.issued,
         )
 
@@ -176,6 +177,8 @@ class Handler:
                 url=self.public_url(request),
             )
             call.admit(admission)
+            if identity.claims is not None and identity.claims.scope is not None:
+                call.details["grant"] = identity.claims.scope.request_id
         else:
             if len(token) > 512:
                 raise PermissionDeniedError("token too long")
@@ -213,6 +216,7 @@ class Handler:
         try:
             if key_operation and self.runtime.barrier.sealed:
                 raise SealedError
+            self.runtime.store.begin_request()
             if authenticated:
                 self.authenticate(request, call, root_only=root_only)
             data = await self.read_json(request) if body else {}

@@ -357,7 +357,13 @@ class TransitRoutes:
             def work(call: Call, data: dict[str, Any]) -> tuple[int, Any]:
                 call.key = name
                 policy = keys.policy(name)
-                call.admit(access.authorise_key_use(call.caller, operation=DECRYPT, policy=policy))
+                batch = data.get("batch_input")
+                items = len(batch) if isinstance(batch, list) and batch else 1
+                call.admit(
+                    access.authorise_key_use(
+                        call.caller, operation=DECRYPT, policy=policy, items=items
+                    )
+                )
 
                 def one(raw: Any) -> dict[str, Any]:
                     item = parse_model(DecryptItem, raw)

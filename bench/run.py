@@ -42,6 +42,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from scoped import RestorePath, SetupError, establish
+
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
     from types import FrameType
@@ -91,6 +93,9 @@ LOG_TAIL_CHARS = 4000
 
 # (threads, connections) for each concurrency level. wrk needs threads <= connections.
 LOAD_LEVELS: tuple[tuple[int, int], ...] = ((1, 1), (2, 16))
+# One-time lines (DPoP proofs, login assertions) signed per second of a run, by connections:
+# well above any rate this machine reaches, since a line used twice is a refused replay.
+LINES_PER_S: dict[int, int] = {1: 4_000, 16: 8_000}
 
 # Share of the machine's CPU used by processes other than the servers, wrk and this
 # harness during a run, above which the run is marked unreliable. Other sessions may be
@@ -102,6 +107,7 @@ QUIET_WAIT_MAX_S = 60.0  # how long to wait for the machine to quieten before ru
 
 # The targets the issue sets for Embassy KMS relative to OpenBao.
 SINGLE_RPS_RATIO_MIN = 0.7
+SCOPED_RATIO_MIN = 0.8  # scoped DPoP decrypt against the root-token path, same scenario and load
 BATCH_ITEMS_RATIO_MIN = 1.0
 P99_MAX_MS = 25.0
 # A batch request carries 100 operations. By Little's law its mean latency at concurrency c
@@ -129,13 +135,18 @@ class Scenario:
     name: str
     route: str  # transit route below /v1/transit/, the key name is appended
     items: int
+    path: str | None = None  # a path outside transit, used as it is
 
 
+LOGIN = "login"
 SCENARIOS: tuple[Scenario, ...] = (
     Scenario("datakey", "datakey/plaintext", 1),
     Scenario("decrypt", "decrypt", 1),
     Scenario(f"decrypt x{BATCH_SIZE}", "decrypt", BATCH_SIZE),
+    Scenario(LOGIN, "", 1, path="/v1/auth/jwt/login"),
 )
+TRANSIT_SCENARIOS = frozenset(s.name for s in SCENARIOS if s.path is None)
+DECRYPT_SCENARIOS = frozenset({"decrypt", f"decrypt x{BATCH_SIZE}"})
 
 
 @dataclass(frozen=True)
@@ -150,6 +161,11 @@ class Target:
     # False for HSM-resident keys: their batch throughput is bounded by the token (see
     # HSM_BOUND_NOTE), so the batch target is judged on the memory-resident key instead.
     batch_judged: bool = True
+    runs: frozenset[str] = TRANSIT_SCENARIOS  # the scenarios this target takes part in
+    # Per-request lines (bench/wrk/vault.lua, BENCH_LINES): "dpop" proofs or "body" logins.
+    restore: RestorePath | None = None
+    lines: str | None = None
+    judged_against: str | None = None  # the row a scoped target must keep up with
 
 
 @dataclass(frozen=True)
@@ -189,7 +205,9 @@ class Row:
     errors: int  # over all runs
     runs_rps: list[float]
     runs_other_cpu: list[float]
+    judged_against: str | None = None
     rps_ratio: float | None = None
+    base_ratio: float | None = None  # req/s against the row named by judged_against
     items_ratio: float | None = None
     verdict: str = ""
     reasons: list[str] = field(default_factory=list)
@@ -225,11 +243,12 @@ def call(
     token: str | None,
     method: str = "GET",
     body: dict[str, Any] | None = None,
+    extra_headers: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, Any]]:
     """Send one setup request; return status and JSON body, also for 4xx/5xx."""
     require_loopback(url)
     data = None if body is None else json.dumps(body).encode()
-    headers = {"Content-Type": "application/json"}
+    headers = {"Content-Type": "application/json", **(extra_headers or {})}
     if token is not None:
         headers["X-Vault-Token"] = token
     req = urllib.request.Request(url, data=data, method=method, headers=headers)  # noqa: S310 - http(s) to loopback, checked above
@@ -491,6 +510,17 @@ def expect_batch(target: Target, body: dict[str, Any], plaintexts: list[str]) ->
             raise BenchError(f"{target.label}: batch item {i} wrong: {item}")
 
 
+def check_scoped(target: Target, body: dict[str, Any]) -> None:
+    """The scoped path decrypts with a DPoP-bound credential and refuses a replayed proof."""
+    assert target.restore is not None
+    plaintext = b64(os.urandom(32))
+    probe = {"ciphertext": encrypt(target, plaintext), "context": body["context"]}
+    try:
+        target.restore.check(transit_url(target, "decrypt"), probe, plaintext)
+    except SetupError as exc:
+        raise BenchError(f"{target.label}: {exc}") from exc
+
+
 def prepare_bodies(target: Target) -> dict[str, dict[str, Any]]:
     """Build each scenario's request body and prove the target answers it correctly."""
     datakey_body = check_datakey(target)
@@ -615,6 +645,7 @@ def run_wrk(
     body_file: Path,
     level: tuple[int, int],
     seconds: int,
+    lines: tuple[Path, str] | None = None,
 ) -> WrkStats:
     """Run wrk once and parse vault.lua's BENCH_JSON line."""
     require_loopback(url)
@@ -636,6 +667,9 @@ def run_wrk(
         "BENCH_VAULT_TOKEN": token,
         "BENCH_COUNT_NON2XX": "1" if cfg.count_non2xx else "0",
     }
+    if lines is not None:
+        env["BENCH_LINES"], env["BENCH_LINE_AS"] = str(lines[0]), lines[1]
+        env["BENCH_THREADS"] = str(threads)
     try:
         done = subprocess.run(
             argv,
@@ -701,17 +735,45 @@ def measure_once(
     level: tuple[int, int],
 ) -> WrkStats:
     """Wait for a quiet machine, warm up (result dropped: pools, caches, GC settle), measure."""
-    url = transit_url(target, scenario.route)
+    url = scenario_url(target, scenario)
+
+    def run(seconds: int) -> WrkStats:
+        token, lines = target.token, None
+        if target.restore is not None and target.lines is not None:
+            token, lines = write_lines(target, url, body_file, level, seconds)
+        if seconds == cfg.duration_s:  # the proofs are signed above, outside the measurement
+            cfg.cpu.wait_quiet()
+            before.append(cfg.cpu.snapshot())
+        return run_wrk(
+            cfg, url, token=token, body_file=body_file, level=level, seconds=seconds, lines=lines
+        )
+
+    before: list[tuple[float, float, float]] = []
     cfg.cpu.wait_quiet()
     if cfg.warmup_s > 0:
-        run_wrk(
-            cfg, url, token=target.token, body_file=body_file, level=level, seconds=cfg.warmup_s
-        )
-    before = cfg.cpu.snapshot()
-    stats = run_wrk(
-        cfg, url, token=target.token, body_file=body_file, level=level, seconds=cfg.duration_s
-    )
-    return replace(stats, other_cpu=cfg.cpu.other_share(before))
+        run(cfg.warmup_s)
+    stats = run(cfg.duration_s)
+    return replace(stats, other_cpu=cfg.cpu.other_share(before[0]))
+
+
+def scenario_url(target: Target, scenario: Scenario) -> str:
+    return target.url + scenario.path if scenario.path else transit_url(target, scenario.route)
+
+
+def write_lines(
+    target: Target, url: str, body_file: Path, level: tuple[int, int], seconds: int
+) -> tuple[str, tuple[Path, str]]:
+    """Sign one-time proofs or assertions for one run: more than the run can use."""
+    assert target.restore is not None
+    assert target.lines is not None
+    count = LINES_PER_S[level[1]] * seconds
+    path = body_file.with_suffix(".lines")
+    if target.lines == "dpop":
+        token = target.restore.write_proofs(path, url, count)
+    else:
+        target.restore.write_logins(path, count)
+        token = "unused"  # noqa: S105 - the login requests carry their own assertions
+    return token, (path, target.lines)
 
 
 def median_row(
@@ -730,12 +792,16 @@ def median_row(
         errors=sum(s.errors for s in samples),
         runs_rps=[s.rps for s in samples],
         runs_other_cpu=[s.other_cpu or 0.0 for s in samples],
+        judged_against=target.judged_against,
     )
 
 
 def write_bodies(target: Target, workdir: Path) -> dict[str, Path]:
     files: dict[str, Path] = {}
-    for name, body in prepare_bodies(target).items():
+    bodies = prepare_bodies(target) if target.runs & TRANSIT_SCENARIOS else {LOGIN: {}}
+    if target.restore is not None and target.lines == "dpop":
+        check_scoped(target, bodies["decrypt"])
+    for name, body in bodies.items():
         slug = f"{target.label}-{name}".replace(" ", "_").replace("/", "_")
         path = workdir / f"body-{slug}.json"
         path.write_text(json.dumps(body, separators=(",", ":")))
@@ -745,19 +811,19 @@ def write_bodies(target: Target, workdir: Path) -> dict[str, Path]:
 
 def run_all(cfg: WrkConfig, targets: Sequence[Target], workdir: Path) -> list[Row]:
     """Targets alternate, round by round, so slow drift on a shared machine hits all alike."""
-    bodies = {t.label: write_bodies(t, workdir) for t in targets}
+    bodies = [write_bodies(t, workdir) for t in targets]
     rows: list[Row] = []
     for scenario in SCENARIOS:
+        taking_part = [n for n, t in enumerate(targets) if scenario.name in t.runs]
         for level in LOAD_LEVELS:
-            samples: dict[str, list[WrkStats]] = {t.label: [] for t in targets}
+            samples: dict[int, list[WrkStats]] = {n: [] for n in taking_part}
             for _ in range(cfg.repeat):
-                for target in targets:
-                    stats = measure(
-                        cfg, target, scenario, bodies[target.label][scenario.name], level
-                    )
+                for n in taking_part:
+                    target = targets[n]
+                    stats = measure(cfg, target, scenario, bodies[n][scenario.name], level)
                     print(progress_line(scenario, level, target, stats), flush=True)
-                    samples[target.label].append(stats)
-            rows += [median_row(t, scenario, level, samples[t.label]) for t in targets]
+                    samples[n].append(stats)
+            rows += [median_row(targets[n], scenario, level, samples[n]) for n in taking_part]
     return rows
 
 
@@ -779,13 +845,23 @@ def progress_line(
 def judge(rows: list[Row]) -> None:
     """Fill ratios against the OpenBao row of the same scenario and load, and a verdict."""
     peers = {(r.scenario, r.connections): r for r in rows if r.is_peer}
+    by_target = {(r.scenario, r.connections, r.target): r for r in rows}
     for row in rows:
         peer = peers.get((row.scenario, row.connections))
         if peer is not None and peer.stats.rps > 0:
             row.rps_ratio = row.stats.rps / peer.stats.rps
             row.items_ratio = row.items_per_s / peer.items_per_s
+        base = by_target.get((row.scenario, row.connections, row.judged_against or ""))
+        if base is not None and base.stats.rps > 0:
+            row.base_ratio = row.stats.rps / base.stats.rps
         if row.is_peer:
             row.verdict = "ERRORS" if row.errors else "peer"
+        elif row.judged_against is not None:
+            row.reasons = scoped_failure_reasons(row, base)
+            row.verdict = "FAIL" if row.reasons else "PASS"
+        elif peer is None:
+            row.reasons = [f"{row.errors} errors"] if row.errors else []
+            row.verdict = "FAIL" if row.reasons else "info (no peer)"
         elif row.items_per_request > 1 and not row.batch_judged:
             row.reasons = [f"{row.errors} errors"] if row.errors else []
             row.verdict = "FAIL" if row.reasons else "info (HSM-bound)"
@@ -795,6 +871,19 @@ def judge(rows: list[Row]) -> None:
         busy = max(row.other_cpu, peer.other_cpu if peer else 0.0)
         if busy > OTHER_CPU_MAX:
             row.reasons.append(f"unreliable: other processes used {busy:.0%} CPU")
+
+
+def scoped_failure_reasons(row: Row, base: Row | None) -> list[str]:
+    """A scoped, DPoP-bound credential must keep SCOPED_RATIO_MIN of the root-token path."""
+    reasons = [f"{row.errors} errors"] if row.errors else []
+    if base is None or row.base_ratio is None:
+        reasons.append(f"no {row.judged_against} row to compare with")
+    elif row.base_ratio < SCOPED_RATIO_MIN:
+        reasons.append(f"req/s {row.base_ratio:.3f}x of {base.target} < {SCOPED_RATIO_MIN}x")
+    p99_ms = row.stats.p99_us / 1000
+    if row.items_per_request == 1 and p99_ms >= P99_MAX_MS:
+        reasons.append(f"p99 {p99_ms:.1f} ms >= {P99_MAX_MS:g} ms")
+    return reasons
 
 
 def failure_reasons(row: Row, peer: Row | None) -> list[str]:
@@ -829,6 +918,7 @@ COLUMNS = (
     "p99 ms",
     "x req/s",
     "x items/s",
+    "x root",
     "spread",
     "other CPU",
     "errors",
@@ -864,6 +954,7 @@ def table_cells(rows: Sequence[Row]) -> list[list[str]]:
                 f"{r.stats.p99_us / 1000:.2f}",
                 ratio_text(r.rps_ratio),
                 ratio_text(r.items_ratio),
+                ratio_text(r.base_ratio),
                 spread_text(r.runs_rps),
                 f"{r.other_cpu:.0%}",
                 str(r.errors),
@@ -876,7 +967,7 @@ def table_cells(rows: Sequence[Row]) -> list[list[str]]:
 def text_table(rows: Sequence[Row]) -> str:
     cells = [list(COLUMNS), *table_cells(rows)]
     widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
-    numeric = {1, 3, 4, 5, 6, 7, 8, 9, 10, 11}
+    numeric = {1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12}
     out = []
     for n, line in enumerate(cells):
         out.append(
@@ -891,7 +982,7 @@ def text_table(rows: Sequence[Row]) -> str:
 
 
 def markdown_table(rows: Sequence[Row]) -> str:
-    align = ["---" if i in {0, 2, 12} else "---:" for i in range(len(COLUMNS))]
+    align = ["---" if i in {0, 2, 13} else "---:" for i in range(len(COLUMNS))]
     lines = ["| " + " | ".join(COLUMNS) + " |", "| " + " | ".join(align) + " |"]
     lines += ["| " + " | ".join(line) + " |" for line in table_cells(rows)]
     return "\n".join(lines)
@@ -1026,11 +1117,24 @@ def markdown_report(info: RunInfo, rows: Sequence[Row]) -> str:
             "p99 no worse than OpenBao's in the same cell (a 100-item batch at c=16 takes "
             "c / (req/s) on average, about 45 ms at OpenBao's own rate)"
         ),
+        (
+            f"- `ekms scoped` (a restore tool's access token bound to its key, with a fresh "
+            f"RFC 9449 DPoP proof on every request, verified and spent with the audit record): "
+            f"req/s >= {SCOPED_RATIO_MIN}x the root-token `ekms` row of the same scenario and "
+            "concurrency (`x root`), and the p99 bound above for single items"
+        ),
+        (
+            "- `login`: `auth/jwt/login` with an RFC 7523 client assertion (ES256), each with a "
+            "one-time `jti`, answered by an access token signed in the HSM; reported, no target "
+            "and no peer"
+        ),
         "- no errors",
         "",
         (
             "`x req/s` and `x items/s` are ratios to the OpenBao row of the same scenario "
-            "and concurrency."
+            "and concurrency; `x root` is the scoped row's req/s over the root-token row's. "
+            "Proofs and assertions are signed before each run, outside the measurement, and "
+            "each is used once."
         ),
         "",
         "## Results",
@@ -1109,9 +1213,34 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def ekms_targets(base_url: str, token: str) -> list[Target]:
+    try:
+        restore = establish(call, base_url, token, "bench")
+    except SetupError as exc:
+        raise BenchError(f"setting up the restore path: {exc}") from exc
     return [
         Target("ekms", base_url, token, "bench", is_peer=False, batch_judged=False),
         Target("ekms memory", base_url, token, "bench-mem", is_peer=False),
+        Target(
+            "ekms scoped",
+            base_url,
+            token,
+            "bench",
+            is_peer=False,
+            runs=DECRYPT_SCENARIOS,
+            restore=restore,
+            lines="dpop",
+            judged_against="ekms",
+        ),
+        Target(
+            "ekms",
+            base_url,
+            token,
+            "bench",
+            is_peer=False,
+            runs=frozenset({LOGIN}),
+            restore=restore,
+            lines="body",
+        ),
     ]
 
 

@@ -46,6 +46,10 @@ if TYPE_CHECKING:
     from kms.service import KeyService
 
 SIGNING_KEY = SYSTEM_KEY_PREFIX + "token-signing"
+# How long after its ``iat`` a DPoP proof's one-time id is kept. A constant, not configuration:
+# the store keys one-time ids by this time, so every node must compute the same key for the
+# same proof, or a replay sent to another node would pass.
+DPOP_RETENTION = 180.0
 _VERIFIED_CACHE_LIMIT = 4096
 _MAX_JUSTIFICATION = 2000
 
@@ -105,6 +109,12 @@ class AccessConfig:
     max_restore_window: float = 86_400.0
     max_emergency: float = 72 * 3600.0
     dpop_max_age: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.dpop_max_age <= DPOP_RETENTION - 2 * jose.DPOP_LEEWAY:
+            raise InvalidRequestError(
+                f"dpop_max_age must be between 0 and {DPOP_RETENTION - 2 * jose.DPOP_LEEWAY} s"
+            )
 
 
 @dataclass(frozen=True)
@@ -286,7 +296,7 @@ class AccessService:
                 now=now,
                 max_age=self.config.dpop_max_age,
             )
-            keep_until = proof.issued_at + self.config.dpop_max_age + 60
+            keep_until = proof.issued_at + DPOP_RETENTION
             admission = Admission(once=((once_id("dpop", claims.jkt, proof.jti), keep_until),))
         roles = claims.roles & principal.roles  # a role removed since issue no longer counts
         return Identity(principal.id, roles, claims=claims), admission
@@ -316,9 +326,16 @@ class AccessService:
     # --- key operations by scoped credentials -----------------------------------------
 
     def authorise_key_use(
-        self, identity: Identity, *, operation: Operation, policy: KeyPolicy
+        self, identity: Identity, *, operation: Operation, policy: KeyPolicy, items: int = 1
     ) -> Admission | None:
-        """Root may do anything; a restore credential may decrypt within its grant."""
+        """Root may do anything; a restore credential may decrypt within its grant.
+
+        ``items`` is how many data keys the request unwraps: a grant's ``max_uses`` counts
+        unwraps, not requests, so a batch cannot stretch it. A grant without ``max_uses`` is
+        not counted at commit (its uses are in the audit log, each record naming the grant):
+        that saves a row write per request, and its revocation is checked when the request
+        starts, as for any token (ADR 0007).
+        """
         if identity.root:
             return None
         claims = identity.claims
@@ -336,7 +353,9 @@ class AccessService:
         )
         if not decision:
             raise PermissionDeniedError(getattr(decision, "reason", "denied"))
-        return Admission(use_of=claims.scope.request_id)
+        if claims.scope.max_uses is None:
+            return None
+        return Admission(use_of=claims.scope.request_id, uses=items)
 
     # --- principals ----------------------------------------------------------------------
 

@@ -68,7 +68,8 @@ class Admission:
     """
 
     once: tuple[tuple[bytes, float], ...] = ()  # (SHA-256 of a one-time id, keep until)
-    use_of: str | None = None  # proposal whose use counter must stay within its max_uses
+    use_of: str | None = None  # grant (proposal) whose use counter must stay within max_uses
+    uses: int = 1  # data keys this request unwraps under that grant: each batch item counts
     issued: IssuedTokenRow | None = None
 
 

@@ -412,12 +412,14 @@ class DpopProof:
     thumbprint: str
 
 
+DPOP_LEEWAY = 5.0  # seconds a proof's iat may lie ahead of our clock
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _VISIBLE_ASCII = re.compile(r"[\x21-\x7e]+")
 _PERCENT_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 
 
+@functools.lru_cache(maxsize=256)
 def normalise_htu(url: str) -> str:
     """RFC 9449 section 4.3 with RFC 3986 section 6.2.2-6.2.3 normalisation.
 
@@ -457,7 +459,7 @@ def verify_dpop_proof(
     expected_thumbprint: str | None,
     now: float,
     max_age: float = 60.0,
-    leeway: float = 5.0,
+    leeway: float = DPOP_LEEWAY,
 ) -> DpopProof:
     """RFC 9449 section 4.3. The caller enforces one-time use of the returned ``jti``."""
     try:

@@ -6,9 +6,12 @@ Every multi-row change runs in one transaction, so a crash leaves each change wh
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import logging
+import math
 import sqlite3
+import struct
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -57,18 +60,23 @@ _LOCK_WAIT_SECONDS = 10.0
 _CHECKPOINT_SECONDS = 0.5
 _SQLITE_BUSY = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
 _SWEEP_SECONDS = 60.0
+# Set once a request (its asyncio task, its context) has read the registry generation: every
+# later read in the same request uses that answer, and any write in it clears the flag.
+_GENERATION_READ: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "ekms_generation_read", default=False
+)
 _SQLITE_SQL = {
     "audit": "INSERT INTO audit_log (time, request_id, node, record) VALUES (?, ?, ?, ?)",
-    "once": "INSERT INTO used_ids (id_hash, expires_at) VALUES (?, ?) ON CONFLICT DO NOTHING",
+    "once": "INSERT INTO once_ids (id) VALUES (?) ON CONFLICT DO NOTHING",
     "use": (
-        "UPDATE proposals SET uses = uses + 1 WHERE id = ? AND state = 'approved' "
-        "AND (max_uses IS NULL OR uses < max_uses)"
+        "UPDATE proposals SET uses = uses + ? WHERE id = ? AND state = 'approved' "
+        "AND (max_uses IS NULL OR uses + ? <= max_uses)"
     ),
     "issued": (
         "INSERT INTO issued_tokens (jti, principal, roles, scope, proposal_id, jkt, issued_at, "
         "expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
     ),
-    "sweep": "DELETE FROM used_ids WHERE expires_at < ?",
+    "sweep": "DELETE FROM once_ids WHERE id < ?",
 }
 _PG_SQL = {name: statement.replace("?", "%s") for name, statement in _SQLITE_SQL.items()}
 
@@ -175,7 +183,22 @@ class SqlStore:
                 self._raw.append(connection)
         return connection
 
+    def begin_request(self) -> None:
+        """Read the registry generation once for this request; its cached reads then use it.
+
+        A request is ordered at its start: a change committed by anyone before it began is
+        seen, a change committed while it runs may or may not be, as for any concurrent
+        request. A request's own writes clear the mark, so it always reads what it wrote.
+        """
+        self._refresh()
+        _GENERATION_READ.set(True)
+
     def _current(self) -> _RegistryCache:
+        if _GENERATION_READ.get():
+            return self._cache
+        return self._refresh()
+
+    def _refresh(self) -> _RegistryCache:
         """The cache, emptied first if any process has committed a change since it was filled."""
         try:
             row = self._raw_connection().driver_connection.execute(_READ_GENERATION).fetchone()
@@ -220,6 +243,7 @@ class SqlStore:
 
     @staticmethod
     def _bump(conn: Any) -> None:
+        _GENERATION_READ.set(False)
         conn.execute(
             update(generation)
             .where(generation.c.name == "registry")
@@ -761,7 +785,7 @@ class SqlStore:
         now = time.time()
         if now - self._last_sweep > _SWEEP_SECONDS:
             self._last_sweep = now
-            cursor.execute(sql["sweep"], (now,))
+            cursor.execute(sql["sweep"], (struct.pack(">Q", math.floor(now)),))
         return outcome
 
     def audit_records(self, limit: int = 1000) -> list[dict[str, Any]]:
@@ -859,11 +883,11 @@ def _issued(row: Any) -> dict[str, Any]:
 
 def _admit(cursor: Any, admission: Admission, sql: Mapping[str, str]) -> Refusal | None:
     for id_hash, keep_until in admission.once:
-        cursor.execute(sql["once"], (id_hash, keep_until))
+        cursor.execute(sql["once"], (once_key(id_hash, keep_until),))
         if cursor.rowcount != 1:
             return Refusal(401, "one-time id replayed")
     if admission.use_of is not None:
-        cursor.execute(sql["use"], (admission.use_of,))
+        cursor.execute(sql["use"], (admission.uses, admission.use_of, admission.uses))
         if cursor.rowcount != 1:
             return Refusal(403, "grant exhausted, revoked or not approved")
     issued = admission.issued
@@ -882,6 +906,11 @@ def _admit(cursor: Any, admission: Admission, sql: Mapping[str, str]) -> Refusal
             ),
         )
     return None
+
+
+def once_key(id_hash: bytes, keep_until: float) -> bytes:
+    """Expiry second, then the id's hash: a replay has the same signed time, so the same key."""
+    return struct.pack(">Q", math.ceil(keep_until)) + id_hash[:24]
 
 
 def _begin_immediate(cursor: Any) -> None:

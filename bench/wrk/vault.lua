@@ -18,9 +18,23 @@
 -- every response to Lua, which costs ~5-10% throughput on a 2-core machine
 -- where wrk shares the CPU with the server. Off, "non2xx" is -1.
 
+-- With BENCH_LINES=<file>, every request differs: each line of the file is used
+-- once, as the request's DPoP header (BENCH_LINE_AS=dpop; the token then goes
+-- as "Authorization: DPoP") or as its whole body (BENCH_LINE_AS=body, for
+-- logins with one-time assertions). Lines are dealt round-robin to the threads
+-- and each request is formatted in init(), so the measured loop does no more
+-- Lua work than returning a prepared string. A line used twice is a replay the
+-- server refuses, so run.py writes more lines than a run can use.
+
 local threads = {}
+local lines_file = os.getenv("BENCH_LINES")
+local line_as = os.getenv("BENCH_LINE_AS") or "dpop"
+-- wrk runs each thread's init() before the next thread's setup(), so the number
+-- of threads comes from run.py rather than from counting setup() calls.
+local thread_total = tonumber(os.getenv("BENCH_THREADS") or "1")
 
 function setup(thread)
+  thread:set("thread_index", #threads)
   table.insert(threads, thread)
 end
 
@@ -38,9 +52,43 @@ function init(args)
   end
   wrk.method = "POST"
   wrk.body = body
-  wrk.headers["X-Vault-Token"] = token
   wrk.headers["Content-Type"] = "application/json"
   non2xx = 0
+  if lines_file == nil then
+    wrk.headers["X-Vault-Token"] = token
+    return
+  end
+  prepared = {}
+  local n = 0
+  for line in io.lines(lines_file) do
+    if n % thread_total == thread_index then
+      if line_as == "body" then
+        prepared[#prepared + 1] = wrk.format(nil, nil, nil, line)
+      else
+        local headers = {
+          ["Authorization"] = "DPoP " .. token,
+          ["DPoP"] = line,
+          ["Content-Type"] = "application/json",
+        }
+        prepared[#prepared + 1] = wrk.format(nil, nil, headers, nil)
+      end
+    end
+    n = n + 1
+  end
+  if #prepared == 0 then
+    error("vault.lua: " .. lines_file .. " gave this thread no lines")
+  end
+  next_line = 0
+end
+
+if lines_file ~= nil then
+  function request()
+    next_line = next_line + 1
+    if next_line > #prepared then
+      next_line = 1 -- out of lines: replays follow, and are counted as errors
+    end
+    return prepared[next_line]
+  end
 end
 
 local count_non2xx = os.getenv("BENCH_COUNT_NON2XX") == "1"
