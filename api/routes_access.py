@@ -257,6 +257,34 @@ def build_router(handler: Handler) -> APIRouter:  # noqa: C901, PLR0915 - one cl
 
         return await run(request, "proposal.create", work, root_only=False)
 
+    @router.api_route("/v1/ekms/proposals", methods=["GET", "LIST"])
+    async def list_proposals(request: Request) -> Response:
+        def work(call: Call, _data: dict[str, Any]) -> tuple[int, Any]:
+            query = request.query_params
+            unknown = sorted(set(query) - {"list", "kind", "state", "limit"})
+            if unknown:
+                raise InvalidRequestError(f"unknown query parameter {unknown[0]!r}")
+            listed = access().list_proposals(
+                call.caller,
+                kind=query.get("kind"),
+                state=query.get("state"),
+                limit=query.get("limit", "100"),
+            )
+            if not listed:
+                return 404, {"errors": []}  # Vault's answer to an empty LIST
+            return 200, envelope(
+                call,
+                {
+                    "keys": [stored.proposal.id for stored, _ in listed],
+                    "key_info": {
+                        stored.proposal.id: proposal_json(stored, result)
+                        for stored, result in listed
+                    },
+                },
+            )
+
+        return await run(request, "proposal.list", work, root_only=False, body=False)
+
     @router.get("/v1/ekms/proposals/{proposal_id}")
     async def read_proposal(request: Request, proposal_id: str) -> Response:
         def work(call: Call, _data: dict[str, Any]) -> tuple[int, Any]:

@@ -16,7 +16,7 @@ from starlette.responses import Response
 from api.errors import MethodNotAllowedError
 from api.http import Body, Call, Handler, envelope, parse_model
 from kms.derivation import wipe
-from kms.errors import EkmsError, InvalidRequestError
+from kms.errors import EkmsError, InvalidRequestError, PermissionDeniedError
 from kms.keys import (
     Classification,
     KeyPolicy,
@@ -244,6 +244,7 @@ class TransitRoutes:
         async def create_key(request: Request, name: str) -> Response:
             def work(call: Call, data: dict[str, Any]) -> tuple[int, Any]:
                 call.key = validate_key_name(name)
+                access.authorise_key_admin(call.caller, change=True)
                 body = parse_model(CreateKeyRequest, data)
                 if body.convergent_encryption or body.exportable or body.allow_plaintext_backup:
                     raise InvalidRequestError(
@@ -271,45 +272,51 @@ class TransitRoutes:
                 }
                 return 200, envelope(call, key_json(policy))
 
-            return await run(request, "transit.key.create", work)
+            return await run(request, "transit.key.create", work, root_only=False)
 
         @router.get("/keys/{name}")
         async def read_key(request: Request, name: str) -> Response:
             def work(call: Call, _data: dict[str, Any]) -> tuple[int, Any]:
                 call.key = name
+                access.authorise_key_admin(call.caller, change=False)
                 return 200, envelope(call, key_json(keys.policy(name)))
 
-            return await run(request, "transit.key.read", work, body=False)
+            return await run(request, "transit.key.read", work, root_only=False, body=False)
 
         @router.api_route("/keys", methods=["GET", "LIST"])
         async def list_keys(request: Request) -> Response:
             def work(call: Call, _data: dict[str, Any]) -> tuple[int, Any]:
                 if request.method == "GET" and request.query_params.get("list") != "true":
                     raise MethodNotAllowedError("use LIST, or GET with ?list=true")
+                access.authorise_key_admin(call.caller, change=False)
                 names = keys.list_names()
                 if not names:
                     return 404, {"errors": []}
                 return 200, envelope(call, {"keys": names})
 
-            return await run(request, "transit.key.list", work, body=False)
+            return await run(request, "transit.key.list", work, root_only=False, body=False)
 
         @router.api_route("/keys/{name}/rotate", methods=["POST", "PUT"])
         async def rotate_key(request: Request, name: str) -> Response:
             def work(call: Call, _data: dict[str, Any]) -> tuple[int, Any]:
                 call.key = name
+                access.authorise_key_admin(call.caller, change=True)
                 policy = keys.rotate(name)
                 call.version = policy.latest_version
                 return 200, envelope(call, key_json(policy))
 
-            return await run(request, "transit.key.rotate", work)
+            return await run(request, "transit.key.rotate", work, root_only=False)
 
         @router.api_route("/keys/{name}/config", methods=["POST", "PUT"])
         async def configure_key(request: Request, name: str) -> Response:
             def work(call: Call, data: dict[str, Any]) -> tuple[int, Any]:
                 call.key = name
+                access.authorise_key_admin(call.caller, change=True)
                 body = parse_model(ConfigRequest, data)
                 if body.exportable or body.allow_plaintext_backup:
                     raise InvalidRequestError("keys cannot be made exportable")
+                if body.deletion_allowed and not call.caller.root:
+                    raise PermissionDeniedError("allowing deletion is break-glass: root token")
                 if body.auto_rotate_period not in (None, 0, "0", "", "0s"):
                     raise InvalidRequestError("auto_rotate_period is not supported yet")
                 policy = keys.configure(
@@ -321,7 +328,7 @@ class TransitRoutes:
                 call.details = body.model_dump(exclude_none=True)
                 return 200, envelope(call, key_json(policy))
 
-            return await run(request, "transit.key.config", work)
+            return await run(request, "transit.key.config", work, root_only=False)
 
         @router.delete("/keys/{name}")
         async def delete_key(request: Request, name: str) -> Response:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import uuid
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Protocol
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_der_public_key
@@ -52,6 +53,10 @@ SIGNING_KEY = SYSTEM_KEY_PREFIX + "token-signing"
 DPOP_RETENTION = 180.0
 _VERIFIED_CACHE_LIMIT = 4096
 _MAX_JUSTIFICATION = 2000
+_MAX_LISTED = 1000
+_KEY_ADMINS = frozenset({Role.SECURITY_OFFICER})
+_KEY_READERS = frozenset({Role.SECURITY_OFFICER, Role.AUDITOR, Role.OFFICIAL})
+E = TypeVar("E", bound=StrEnum)
 
 
 class StoredProposalView(Protocol):
@@ -87,6 +92,14 @@ class IdentityStore(Protocol):
     ) -> int: ...
     def insert_proposal(self, proposal: Proposal, *, max_uses: int | None) -> None: ...
     def proposal(self, proposal_id: str) -> StoredProposalView | None: ...
+    def list_proposals(
+        self,
+        *,
+        kind: str | None = None,
+        state: str | None = None,
+        party: str | None = None,
+        limit: int = 200,
+    ) -> Sequence[StoredProposalView]: ...
     def add_approval(self, approval: Approval) -> None: ...
     def set_proposal_state(
         self, proposal_id: str, state: ProposalState, at: float, *, expect: ProposalState
@@ -357,6 +370,20 @@ class AccessService:
             return None
         return Admission(use_of=claims.scope.request_id, uses=items)
 
+    def authorise_key_admin(self, identity: Identity, *, change: bool) -> None:
+        """Key lifecycle without the root token: officers manage keys, reviewers read them.
+
+        Creating, rotating and configuring keys loses no data and is audited, so a security
+        officer does it. Deleting a key (or allowing it) destroys every backup under it, so it
+        stays break-glass: a root token, which only a quorum of shares can generate.
+        """
+        if identity.root:
+            return
+        allowed = _KEY_ADMINS if change else _KEY_READERS
+        if not identity.roles & allowed:
+            action = "change" if change else "read"
+            raise PermissionDeniedError(f"may not {action} key metadata")
+
     # --- principals ----------------------------------------------------------------------
 
     def register(
@@ -575,6 +602,46 @@ class AccessService:
             raise PermissionDeniedError("not a party to this proposal")
         return stored, self._tally(stored)
 
+    def list_proposals(
+        self,
+        actor: Identity,
+        *,
+        kind: object = None,
+        state: object = None,
+        limit: object = 100,
+    ) -> list[tuple[StoredProposalView, Tally]]:
+        """Newest first. Officials, officers and auditors see all; others only their own."""
+        parsed_kind = None if kind is None else _parse(ProposalKind, kind, "kind")
+        parsed_state = None if state is None else _parse(ProposalState, state, "state")
+        try:
+            count = int(str(limit))
+        except ValueError:
+            raise InvalidRequestError("limit must be a whole number") from None
+        if not 1 <= count <= _MAX_LISTED:
+            raise InvalidRequestError(f"limit must be between 1 and {_MAX_LISTED}")
+        sees_all = actor.root or actor.roles & {
+            Role.OFFICIAL,
+            Role.SECURITY_OFFICER,
+            Role.AUDITOR,
+        }
+        # An expired proposal is still stored as pending: filter on the state the tally gives.
+        stored_state = (
+            ProposalState.PENDING if parsed_state is ProposalState.EXPIRED else parsed_state
+        )
+        found = self._store.list_proposals(
+            kind=None if parsed_kind is None else parsed_kind.value,
+            state=None if stored_state is None else stored_state.value,
+            party=None if sees_all else actor.principal,
+            limit=count,
+        )
+        listed = []
+        for stored in found:
+            result = self._tally(stored)
+            effective = result.state if stored.state is ProposalState.PENDING else stored.state
+            if parsed_state is None or effective is parsed_state:
+                listed.append((stored, result))
+        return listed
+
     def _tally(self, stored: StoredProposalView) -> Tally:
         return tally(
             stored.proposal,
@@ -700,6 +767,14 @@ class AccessService:
             "restore_policy": self.config.matrix.to_json(),
             "approvals_required": self.config.approvals_required,
         }
+
+
+def _parse(kind: type[E], value: object, what: str) -> E:
+    try:
+        return kind(str(value))
+    except ValueError:
+        allowed = ", ".join(m.value for m in kind)
+        raise InvalidRequestError(f"unknown {what} {value!r}; expected one of: {allowed}") from None
 
 
 def _only(payload: Mapping[str, Any], allowed: set[str]) -> None:

@@ -628,11 +628,28 @@ class SqlStore:
             ).all()
         return _stored_proposal(row, votes)
 
-    def list_proposals(self, *, limit: int = 200) -> list[StoredProposal]:
+    def list_proposals(
+        self,
+        *,
+        kind: str | None = None,
+        state: str | None = None,
+        party: str | None = None,
+        limit: int = 200,
+    ) -> list[StoredProposal]:
+        """Newest first. ``party``: only proposals it filed, or restores naming it as the tool."""
+        query = select(proposals).order_by(proposals.c.created_at.desc(), proposals.c.id)
+        if kind is not None:
+            query = query.where(proposals.c.kind == kind)
+        if state is not None:
+            query = query.where(proposals.c.state == state)
+        if party is not None:
+            tool = orjson.dumps({"tool": party}).decode()[1:-1]  # '"tool":"<id>"', sorted keys
+            query = query.where(
+                (proposals.c.requester == party)
+                | proposals.c.payload.contains(tool, autoescape=True)
+            )
         with self._reading() as conn:
-            rows = conn.execute(
-                select(proposals).order_by(proposals.c.created_at.desc()).limit(limit)
-            ).all()
+            rows = conn.execute(query.limit(limit)).all()
             votes = conn.execute(
                 select(approvals).where(approvals.c.proposal_id.in_([r.id for r in rows]))
             ).all()

@@ -7,10 +7,8 @@ and a restore tool each hold their own key; the private keys live only in this t
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import time
-import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +18,7 @@ import pytest
 import requests
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
+from api.principal_keys import KeyHolder
 from api.runtime import create_runtime, prepare_hsm
 from tests.conftest import ServerThread, make_settings
 
@@ -34,56 +33,26 @@ def b64u(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-@dataclass
-class Party:
+class Party(KeyHolder):
     """A principal with its private key, as a smart card or a tool's keystore would hold it."""
-
-    id: str
-    key: Any
-    alg: str
 
     @classmethod
     def ec(cls, pid: str) -> Party:
-        return cls(pid, ec.generate_private_key(ec.SECP256R1()), "ES256")
+        return cls(pid, ec.generate_private_key(ec.SECP256R1()))
 
     @classmethod
     def ed(cls, pid: str) -> Party:
-        return cls(pid, ed25519.Ed25519PrivateKey.generate(), "EdDSA")
+        return cls(pid, ed25519.Ed25519PrivateKey.generate())
 
     @property
-    def jwk(self) -> dict[str, str]:
-        public = self.key.public_key()
-        if self.alg == "ES256":
-            n = public.public_numbers()
-            return {
-                "kty": "EC",
-                "crv": "P-256",
-                "x": b64u(n.x.to_bytes(32, "big")),
-                "y": b64u(n.y.to_bytes(32, "big")),
-            }
-        raw = public.public_bytes_raw()
-        return {"kty": "OKP", "crv": "Ed25519", "x": b64u(raw)}
+    def id(self) -> str:
+        return self.principal
 
-    def sign(self, claims: dict[str, Any], **headers: Any) -> str:
-        return jwt.encode(claims, self.key, algorithm=self.alg, headers=headers or None)
-
-    def assertion(self, *, audience: str = AUDIENCE, **changes: Any) -> str:
-        now = int(time.time())
-        claims = {"iss": self.id, "sub": self.id, "aud": audience, "iat": now, "exp": now + 60}
-        claims["jti"] = str(uuid.uuid4())
-        claims.update(changes)
-        return self.sign(claims)
+    def assertion(self, audience: str = AUDIENCE, **changes: Any) -> str:  # type: ignore[override]
+        return super().assertion(audience, **changes)
 
     def proof(self, method: str, url: str, token: str, **changes: Any) -> str:
-        claims = {
-            "jti": str(uuid.uuid4()),
-            "htm": method,
-            "htu": url,
-            "iat": int(time.time()),
-            "ath": b64u(hashlib.sha256(token.encode()).digest()),
-        }
-        claims.update(changes)
-        return self.sign(claims, typ="dpop+jwt", jwk=self.jwk)
+        return self.dpop_proof(method, url, token, **changes)
 
 
 @dataclass
@@ -111,17 +80,7 @@ class World:
         return str(response.json()["auth"]["client_token"])
 
     def approve(self, official: Party, proposal: dict[str, Any], decision: str = "approve") -> Any:
-        signature = official.sign(
-            {
-                "iss": official.id,
-                "aud": AUDIENCE,
-                "proposal": proposal["id"],
-                "digest": proposal["digest"],
-                "decision": decision,
-                "iat": int(time.time()),
-                "jti": str(uuid.uuid4()),
-            }
-        )
+        signature = official.approval(proposal, AUDIENCE, decision)
         return self.call(
             "POST",
             f"ekms/proposals/{proposal['id']}/decide",
@@ -135,8 +94,10 @@ class World:
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> Iterator[World]:
-    settings = make_settings(tmp_path, site_name="embassy-1", site_kind="embassy")
+def world(tmp_path: Path, database_url: str) -> Iterator[World]:
+    settings = make_settings(
+        tmp_path, site_name="embassy-1", site_kind="embassy", database_url=database_url
+    )
     runtime = create_runtime(settings, module=prepare_hsm(settings))
     with ServerThread(runtime) as server:
         vault = hvac.Client(url=server.url)
@@ -415,3 +376,146 @@ def test_attack_battery_is_refused_and_audited(world: World) -> None:
     assert len(refused) >= 12
     assert all("reason" in r for r in refused)
     assert not any(operator_token in str(r) for r in records)
+
+
+def grant(world: World, datasets: list[str], **extra: Any) -> tuple[dict[str, Any], str]:
+    """A restore request approved by two officials, and the tool's scoped credential for it."""
+    request = file_restore(world, datasets, **extra)
+    world.approve(world.officials[0], request)
+    assert world.approve(world.officials[1], request).json()["data"]["state"] == "approved"
+    answer = world.tool_call(f"ekms/proposals/{request['id']}/credential", world.login(world.tool))
+    assert answer.status_code == 200, answer.text
+    return request, str(answer.json()["auth"]["client_token"])
+
+
+def test_batch_items_count_as_uses(world: World) -> None:
+    ciphertext = encrypt(world, "laws", b"gazette 1/2026")
+    _, credential = grant(world, ["laws"], max_uses=3)
+    item = {"ciphertext": ciphertext, "context": "Y3R4"}
+
+    two = world.tool_call("transit/decrypt/laws", credential, {"batch_input": [item, item]})
+    assert two.status_code == 200, two.text
+    # Two more would make four: refused whole, and nothing is spent.
+    again = world.tool_call("transit/decrypt/laws", credential, {"batch_input": [item, item]})
+    assert again.status_code == 403
+    assert world.tool_call("transit/decrypt/laws", credential, item).status_code == 200
+    assert world.tool_call("transit/decrypt/laws", credential, item).status_code == 403
+
+
+def test_unlimited_grant_is_revoked_at_once_and_audited_with_its_id(world: World) -> None:
+    ciphertext = encrypt(world, "laws", b"land register extract")
+    request, credential = grant(world, ["laws"])
+    body = {"ciphertext": ciphertext, "context": "Y3R4"}
+    for _ in range(3):
+        assert world.tool_call("transit/decrypt/laws", credential, body).status_code == 200
+
+    officer = world.login(world.officer)
+    revoked = world.call("POST", f"ekms/proposals/{request['id']}/revoke", officer)
+    assert revoked.status_code == 200, revoked.text
+    assert world.tool_call("transit/decrypt/laws", credential, body).status_code == 401
+
+    records = world.server.runtime.store.audit_records(10_000)
+    decrypts = [r for r in records if r["operation"] == "transit.decrypt"]
+    assert [r["decision"] for r in decrypts[-4:]] == ["allow", "allow", "allow", "deny"]
+    assert all(r["details"]["grant"] == request["id"] for r in decrypts[-4:-1])
+
+
+def test_security_officers_manage_keys_without_the_root_token(world: World) -> None:
+    officer = world.login(world.officer)
+    create = world.call(
+        "POST", "transit/keys/state-gazette", officer, body={"classification": "internal"}
+    )
+    assert create.status_code == 200, create.text
+    assert world.call("POST", "transit/keys/state-gazette/rotate", officer).status_code == 200
+    read = world.call("GET", "transit/keys/state-gazette", officer)
+    assert read.json()["data"]["latest_version"] == 2
+    assert "state-gazette" in world.call("LIST", "transit/keys", officer).json()["data"]["keys"]
+    config = world.call(
+        "POST", "transit/keys/state-gazette/config", officer, body={"min_decryption_version": 1}
+    )
+    assert config.status_code == 200, config.text
+
+    # Destroying data stays break-glass, and managing keys gives no use of them.
+    allow_delete = world.call(
+        "POST", "transit/keys/state-gazette/config", officer, body={"deletion_allowed": True}
+    )
+    assert allow_delete.status_code == 403
+    assert world.call("DELETE", "transit/keys/state-gazette", officer).status_code == 403
+    assert (
+        world.call(
+            "POST", "transit/datakey/plaintext/state-gazette", officer, body={"context": "Y3R4"}
+        ).status_code
+        == 403
+    )
+    plaintext = {"plaintext": "aGVsbG8=", "context": "Y3R4"}
+    assert (
+        world.call("POST", "transit/encrypt/state-gazette", officer, body=plaintext).status_code
+        == 403
+    )
+
+    # Officials read key metadata; operators and tools do not; only officers change it.
+    official = world.login(world.officials[0])
+    assert world.call("GET", "transit/keys/state-gazette", official).status_code == 200
+    assert world.call("POST", "transit/keys/another", official, body={}).status_code == 403
+    operator = world.login(world.operator)
+    assert world.call("GET", "transit/keys/state-gazette", operator).status_code == 403
+
+    records = world.server.runtime.store.audit_records(10_000)
+    created = [r for r in records if r["operation"] == "transit.key.create"]
+    assert [(r["principal"], r["decision"]) for r in created[-2:]] == [
+        ("officer", "allow"),
+        ("official-0", "deny"),
+    ]
+
+
+def test_listing_proposals_shows_each_party_what_it_may_see(world: World) -> None:
+    first = file_restore(world, ["laws"])
+    second = file_restore(world, ["registry"])
+    world.approve(world.officials[0], first)
+    world.approve(world.officials[1], first)
+
+    official = world.login(world.officials[2])
+    listed = world.call("LIST", "ekms/proposals", official)
+    assert listed.status_code == 200, listed.text
+    # Newest first; both may share a creation second, so compare without order here.
+    assert set(listed.json()["data"]["keys"]) == {first["id"], second["id"]}
+    info = listed.json()["data"]["key_info"][first["id"]]
+    assert info["state"] == "approved"
+    assert info["approved_by"] == ["official-0", "official-1"]
+
+    pending = world.call("GET", "ekms/proposals?kind=restore&state=pending", official)
+    assert pending.json()["data"]["keys"] == [second["id"]]
+    limited = world.call("GET", "ekms/proposals?limit=1", official)
+    assert len(limited.json()["data"]["keys"]) == 1
+
+    # The operator who filed them and the tool they name see them; another operator does not.
+    assert (
+        len(
+            world.call("LIST", "ekms/proposals", world.login(world.operator)).json()["data"]["keys"]
+        )
+        == 2
+    )
+    tool = world.login(world.tool)
+    url = f"{world.server.url}/v1/ekms/proposals"
+    mine = world.call("GET", "ekms/proposals", tool, DPoP=world.tool.proof("GET", url, tool))
+    assert mine.status_code == 200, mine.text
+    assert len(mine.json()["data"]["keys"]) == 2
+    stranger = Party.ec("operator-2")
+    world.call(
+        "POST",
+        "ekms/principals/operator-2",
+        world.login(world.officer),
+        body={"roles": ["restore-operator"], "jwk": stranger.jwk},
+    ).raise_for_status()
+    assert world.call("LIST", "ekms/proposals", world.login(stranger)).status_code == 404
+
+    for query, problem in (
+        ("state=lost", "unknown state"),
+        ("kind=coup", "unknown kind"),
+        ("limit=0", "limit must be between"),
+        ("limit=many", "limit must be a whole number"),
+        ("colour=red", "unknown query parameter"),
+    ):
+        bad = world.call("GET", f"ekms/proposals?{query}", official)
+        assert bad.status_code == 400, (query, bad.text)
+        assert problem in bad.json()["errors"][0]
