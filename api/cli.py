@@ -2,13 +2,15 @@
 
 The client commands use only the standard library, so an official's laptop needs nothing else.
 Errors are printed as one line on stderr with exit status 2; nothing here prints a traceback
-for a user error.
+for a user error. ``ekms audit verify`` works offline and exits 1 when an export fails to verify.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
+import dataclasses
 import getpass
 import json
 import os
@@ -17,10 +19,16 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 from kms.errors import EkmsError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from kms.audit_export import VerifyReport
 
 DEFAULT_ADDR = "http://127.0.0.1:8200"
 DEV_BANNER = """
@@ -359,6 +367,159 @@ def cmd_datakey(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- audit (offline) ----------------------------------------------------------------------
+
+AUDIT_INPUT_LIMIT = 1 << 16  # a JWK or a kept head line is a few hundred bytes
+_HEAD_LINE_START = b'{"jws":'  # canonical JSON sorts keys: only a head line starts so
+
+
+class _HeadTap:
+    """Hands the export's lines on, each read with a bound, and keeps the last head line.
+
+    The verifier's report counts heads but does not return them; the summary names the newest,
+    which is the line an auditor keeps for next time. It is read only once the export verified,
+    when every line was canonical JSON, so its first bytes say which lines are heads.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.head: bytes | None = None
+
+    def lines(self, stream: IO[bytes]) -> Iterator[bytes]:
+        for line in iter(lambda: stream.readline(self.limit), b""):
+            if line.startswith(_HEAD_LINE_START):
+                self.head = line
+            yield line
+
+    def last(self) -> dict[str, Any] | None:
+        if self.head is None:
+            return None
+        obj = json.loads(self.head)
+        return obj if isinstance(obj, dict) and obj.get("type") == "head" else None
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    """Check an audit export with no service, HSM or network: exit 0 if sound, 1 if not."""
+    from kms.audit_export import MAX_LINE_BYTES, verify_export
+
+    trusted_key = None if args.trusted_key is None else _audit_trusted_key(args.trusted_key)
+    previous_head = None if args.previous_head is None else _audit_previous_head(args.previous_head)
+    tap = _HeadTap(MAX_LINE_BYTES + 2)  # room for "\r\n": a longer line is refused, not read
+    name = "standard input" if args.export == "-" else args.export
+    with _audit_export_stream(args.export) as stream:
+        try:
+            report = verify_export(
+                tap.lines(stream), trusted_key=trusted_key, previous_head=previous_head
+            )
+        except OSError as exc:
+            fail(f"cannot read export {name}: {exc.strerror or exc}")
+    last_head = tap.last() if report.ok else None
+    if args.json:
+        data = dataclasses.asdict(report)
+        data["last_head"] = last_head
+        print(json.dumps(data, indent=2))
+    else:
+        print(_audit_report_text(report, last_head, previous_head))
+    return 0 if report.ok else 1
+
+
+def _audit_export_stream(path: str) -> contextlib.AbstractContextManager[IO[bytes]]:
+    if path == "-":
+        if sys.stdin is None or sys.stdin.isatty():
+            fail("EXPORT is '-' but standard input is a terminal: pipe the export in, or name it")
+        return contextlib.nullcontext(sys.stdin.buffer)
+    try:
+        return Path(path).open("rb")
+    except OSError as exc:
+        fail(f"cannot read export {path}: {exc.strerror or exc}")
+
+
+def _audit_json_file(path: str, option: str) -> Any:
+    try:
+        with Path(path).open("rb") as file:
+            raw = file.read(AUDIT_INPUT_LIMIT + 1)
+    except OSError as exc:
+        fail(f"cannot read {option} file {path}: {exc.strerror or exc}")
+    if len(raw) > AUDIT_INPUT_LIMIT:
+        fail(f"{option} {path}: larger than {AUDIT_INPUT_LIMIT} bytes, so not one JSON object")
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        fail(f"{option} {path}: not valid JSON ({exc})")
+
+
+def _audit_trusted_key(path: str) -> dict[str, Any]:
+    from kms.errors import InvalidRequestError
+    from kms.jose import parse_public_jwk
+
+    obj = _audit_json_file(path, "--trusted-key")
+    if isinstance(obj, dict) and "keys" in obj and "kty" not in obj:
+        fail(f"--trusted-key {path}: a JWK Set; put the log's one public key (a JWK) in a file")
+    if not isinstance(obj, dict):
+        fail(f"--trusted-key {path}: must hold one JWK, a JSON object")
+    try:
+        parse_public_jwk(obj)
+    except InvalidRequestError as exc:
+        fail(f"--trusted-key {path}: not a usable public key: {exc}")
+    return obj
+
+
+def _audit_previous_head(path: str) -> dict[str, Any]:
+    obj = _audit_json_file(path, "--previous-head")
+    if not isinstance(obj, dict) or obj.get("type") != "head":
+        fail(
+            f"--previous-head {path}: not a head line: it must hold one line with "
+            '"type":"head", kept from an earlier export'
+        )
+    return obj
+
+
+def _audit_report_text(
+    report: VerifyReport, last_head: dict[str, Any] | None, previous_head: dict[str, Any] | None
+) -> str:
+    error = report.first_error
+    if error is None:
+        summary = f"OK: {_count(report.records, 'record')}, {_count(report.heads, 'signed head')}"
+        if last_head is not None:
+            summary += (
+                f"; last head size {last_head['size']:,} root {last_head['root_hash']} "
+                f"at {_utc(last_head['timestamp_ms'])}"
+            )
+        lines = [summary]
+        if previous_head is not None:
+            lines.append(
+                f"The log extends the previous head (size {previous_head['size']:,}, "
+                f"signed {_utc(previous_head['timestamp_ms'])})."
+            )
+    else:
+        lines = [f"FAILED: {error.message}"]
+        where = [
+            f"{label} {value}"
+            for label, value in (
+                ("line", error.line),
+                ("record", error.record),
+                ("signed head", error.head),
+            )
+            if value is not None
+        ]
+        if where:
+            lines.append(f"  at {', '.join(where)}")
+    lines.extend(f"warning: {warning}" for warning in report.warnings)
+    return "\n".join(lines)
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number:,} {noun}" if number == 1 else f"{number:,} {noun}s"
+
+
+def _utc(timestamp_ms: int) -> str:
+    try:
+        moment = datetime.fromtimestamp(0, tz=UTC) + timedelta(milliseconds=timestamp_ms)
+    except OverflowError:
+        return f"timestamp_ms {timestamp_ms}"
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{timestamp_ms % 1000:03d}Z"
+
+
 # --- parser -------------------------------------------------------------------------------
 
 
@@ -466,6 +627,32 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement 
     )
     client_options(datakey)
     datakey.set_defaults(func=cmd_datakey)
+
+    audit = sub.add_parser("audit", help="verify an audit export, offline").add_subparsers(
+        dest="action", required=True
+    )
+    verify = audit.add_parser(
+        "verify",
+        help="check an audit export (offline: no service, HSM or network)",
+        description="Check an audit export: every record against the signed tree heads, the "
+        "heads' signatures, and that the log extends the head kept from an earlier export.",
+        epilog="Exit status: 0 verified, 1 verification failed, 2 usage error.",
+    )
+    verify.add_argument("export", metavar="EXPORT", help="the export, JSON lines ('-': stdin)")
+    verify.add_argument(
+        "-previous-head",
+        "--previous-head",
+        metavar="FILE",
+        help="a head line kept from an earlier export: the log must extend it",
+    )
+    verify.add_argument(
+        "-trusted-key",
+        "--trusted-key",
+        metavar="FILE",
+        help="the log's public key as a JWK, obtained out of band (not from the export)",
+    )
+    verify.add_argument("-json", "--json", action="store_true", help="print the report as JSON")
+    verify.set_defaults(func=cmd_audit_verify)
     return parser
 
 
