@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from scoped import RestorePath, SetupError, establish
+from scoped import RestorePath, SetupError, configure_peer_login, establish
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
@@ -809,11 +809,13 @@ def write_bodies(target: Target, workdir: Path) -> dict[str, Path]:
     return files
 
 
-def run_all(cfg: WrkConfig, targets: Sequence[Target], workdir: Path) -> list[Row]:
+def run_all(
+    cfg: WrkConfig, targets: Sequence[Target], workdir: Path, scenarios: Sequence[str]
+) -> list[Row]:
     """Targets alternate, round by round, so slow drift on a shared machine hits all alike."""
     bodies = [write_bodies(t, workdir) for t in targets]
     rows: list[Row] = []
-    for scenario in SCENARIOS:
+    for scenario in (s for s in SCENARIOS if s.name in scenarios):
         taking_part = [n for n, t in enumerate(targets) if scenario.name in t.runs]
         for level in LOAD_LEVELS:
             samples: dict[int, list[WrkStats]] = {n: [] for n in taking_part}
@@ -859,9 +861,9 @@ def judge(rows: list[Row]) -> None:
         elif row.judged_against is not None:
             row.reasons = scoped_failure_reasons(row, base)
             row.verdict = "FAIL" if row.reasons else "PASS"
-        elif peer is None:
+        elif peer is None or row.scenario == LOGIN:
             row.reasons = [f"{row.errors} errors"] if row.errors else []
-            row.verdict = "FAIL" if row.reasons else "info (no peer)"
+            row.verdict = "FAIL" if row.reasons else "info (no target)"
         elif row.items_per_request > 1 and not row.batch_judged:
             row.reasons = [f"{row.errors} errors"] if row.errors else []
             row.verdict = "FAIL" if row.reasons else "info (HSM-bound)"
@@ -1125,8 +1127,9 @@ def markdown_report(info: RunInfo, rows: Sequence[Row]) -> str:
         ),
         (
             "- `login`: `auth/jwt/login` with an RFC 7523 client assertion (ES256), each with a "
-            "one-time `jti`, answered by an access token signed in the HSM; reported, no target "
-            "and no peer"
+            "one-time `jti`, answered by an access token signed in the HSM; the peer is "
+            "OpenBao's jwt auth method trusting the same key and audience (it does not remember "
+            "`jti`s); reported, no target"
         ),
         "- no errors",
         "",
@@ -1176,6 +1179,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="Markdown report path")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="raw results path")
     parser.add_argument("--only-openbao", action="store_true", help="measure the peer only")
+    parser.add_argument(
+        "--scenarios",
+        default=",".join(s.name for s in SCENARIOS),
+        help="comma-separated subset of: " + ", ".join(s.name for s in SCENARIOS),
+    )
     parser.add_argument("--bao", help="path to the bao binary (default: venv, then PATH)")
     parser.add_argument("--wrk", help="path to wrk (default: PATH)")
     parser.add_argument(
@@ -1209,6 +1217,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             require_loopback(args.ekms_url)
         except BenchError as exc:
             parser.error(str(exc))
+    names = {s.name for s in SCENARIOS}
+    args.scenarios = [n.strip() for n in args.scenarios.split(",") if n.strip()]
+    if not args.scenarios or not set(args.scenarios) <= names:
+        parser.error(f"--scenarios takes names from: {', '.join(sorted(names))}")
     return args
 
 
@@ -1241,6 +1253,30 @@ def ekms_targets(base_url: str, token: str) -> list[Target]:
             restore=restore,
             lines="body",
         ),
+    ]
+
+
+def peer_login_target(targets: Sequence[Target], peer_url: str) -> list[Target]:
+    """OpenBao's jwt login with the same assertions, once Embassy KMS has its principals."""
+    restore = next((t.restore for t in targets if t.restore is not None), None)
+    if restore is None:
+        return []
+    try:
+        configure_peer_login(call, peer_url, DEV_ROOT_TOKEN, restore)
+    except SetupError as exc:
+        raise BenchError(f"setting up OpenBao's jwt login: {exc}") from exc
+    runs = frozenset({LOGIN})
+    return [
+        Target(
+            "openbao",
+            peer_url,
+            DEV_ROOT_TOKEN,
+            "bench",
+            is_peer=True,
+            runs=runs,
+            restore=restore,
+            lines="body",
+        )
     ]
 
 
@@ -1290,15 +1326,17 @@ def bench(args: argparse.Namespace, stack: contextlib.ExitStack) -> tuple[RunInf
         pgids.add(ekms_pgid)
         setup_ekms(ekms_url, DEV_ROOT_TOKEN)
         targets += ekms_targets(ekms_url, DEV_ROOT_TOKEN)
+    targets += peer_login_target(targets, peer_url)
     meter = CpuMeter(frozenset(pgids))
     info = collect_info(args, bao, wrk, source)
     info.machine["other CPU load at start"] = f"{warn_if_busy(meter):.0%}"
     cfg = WrkConfig(
         wrk, args.duration, args.warmup, args.repeat, args.count_non2xx, meter, args.busy_retries
     )
-    runs = len(SCENARIOS) * len(LOAD_LEVELS) * len(targets) * args.repeat
+    chosen = set(args.scenarios)
+    runs = sum(len(t.runs & chosen) for t in targets) * len(LOAD_LEVELS) * args.repeat
     print(f"measuring {runs} runs of {args.duration} s (+{args.warmup} s warm-up)", flush=True)
-    return info, run_all(cfg, targets, workdir)
+    return info, run_all(cfg, targets, workdir, args.scenarios)
 
 
 def warn_if_busy(meter: CpuMeter) -> float:

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from cryptography.hazmat.primitives import serialization
+
 from api.principal_keys import KeyHolder
 
 if TYPE_CHECKING:
@@ -22,6 +24,7 @@ if TYPE_CHECKING:
 
 Call = Callable[..., tuple[int, dict[str, Any]]]
 CREDENTIAL_REFRESH_S = 300.0  # tool credentials live 15 minutes; take a new one well before
+LOGIN_ROLE = "embassy-bench"  # OpenBao's jwt role; Embassy KMS accepts and ignores the field
 
 
 class SetupError(RuntimeError):
@@ -67,7 +70,10 @@ class RestorePath:
         now = time.time()
         with path.open("w") as out:
             for _ in range(count):
-                body = {"jwt": self.login_party.assertion(self.audience, now=now)}
+                body = {
+                    "jwt": self.login_party.assertion(self.audience, now=now),
+                    "role": LOGIN_ROLE,
+                }
                 out.write(json.dumps(body, separators=(",", ":")) + "\n")
 
     def check(self, url: str, body: dict[str, Any], expect_plaintext: str) -> None:
@@ -80,6 +86,40 @@ class RestorePath:
         status, _ = self.call(url, None, "POST", body, _dpop_headers(token, proof))
         if status != 401:
             raise SetupError(f"a replayed DPoP proof was not refused (status {status})")
+
+
+def configure_peer_login(call: Call, peer_url: str, token: str, path: RestorePath) -> None:
+    """OpenBao's jwt auth method, trusting the same principal key and audience.
+
+    The peer then does the same work per login as Embassy KMS: verify an ES256 assertion
+    against a configured public key, check ``aud`` and ``exp``, mint and store a token, audit.
+    It does not remember ``jti`` values, so it does less than Embassy KMS here.
+    """
+    pem = (
+        path.login_party.key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    steps = (
+        ("sys/auth/jwt", {"type": "jwt"}),
+        ("auth/jwt/config", {"jwt_validation_pubkeys": [pem]}),
+        (
+            f"auth/jwt/role/{LOGIN_ROLE}",
+            {
+                "role_type": "jwt",
+                "bound_audiences": [path.audience],
+                "user_claim": "sub",
+                "token_policies": ["default"],
+                "token_ttl": "1h",
+            },
+        ),
+    )
+    for route, body in steps:
+        url = f"{peer_url}/v1/{route}"
+        _ok(call(url, token, "POST", body), url)
+    url = f"{peer_url}/v1/auth/jwt/login"
+    body = {"jwt": path.login_party.assertion(path.audience), "role": LOGIN_ROLE}
+    _ok(call(url, None, "POST", body), "OpenBao jwt login")
 
 
 def _dpop_headers(token: str, proof: str) -> dict[str, str]:
