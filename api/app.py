@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 
-from api import routes_access, routes_sys, routes_tokens
+from api import routes_access, routes_audit, routes_sys, routes_tokens
 from api.direct_dispatch import DirectDispatch
 from api.errors import error_response, unhandled
 from api.http import Handler
 from api.routes_transit import TransitRoutes
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
     from starlette.requests import Request
     from starlette.responses import Response
 
@@ -25,7 +29,24 @@ def create_app(runtime: Runtime, seal_control: SealControl) -> FastAPI:
     runtime.seal_control = seal_control
     handler = Handler(runtime)
 
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        """Sign audit tree heads on a schedule, and a last one when the worker stops."""
+        interval = runtime.settings.audit_head_interval
+        signer = (
+            asyncio.create_task(runtime.audit_log.sign_periodically(interval)) if interval else None
+        )
+        try:
+            yield
+        finally:
+            if signer is not None:
+                signer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await signer
+            runtime.audit_log.sign_quietly("at shutdown", create_key=False)
+
     app = FastAPI(
+        lifespan=lifespan,
         title="Embassy KMS",
         version=routes_sys.VERSION,
         description="HSM-backed key management with split-custody unsealing; Vault-shaped API.",
@@ -36,6 +57,7 @@ def create_app(runtime: Runtime, seal_control: SealControl) -> FastAPI:
     app.include_router(routes_sys.build_router(handler, seal_control))
     app.include_router(routes_access.build_router(handler))
     app.include_router(routes_tokens.build_router(handler))
+    app.include_router(routes_audit.build_router(handler))
     transit = TransitRoutes(handler).router()
     app.include_router(transit)
     app.add_middleware(DirectDispatch, prefix=transit.prefix, routes=transit.routes)

@@ -2,7 +2,9 @@
 
 The client commands use only the standard library, so an official's laptop needs nothing else.
 Errors are printed as one line on stderr with exit status 2; nothing here prints a traceback
-for a user error. ``ekms audit verify`` works offline and exits 1 when an export fails to verify.
+for a user error. ``ekms audit export`` fetches the service's audit log (JSON lines) like any
+other client command; ``ekms audit verify`` then works offline and exits 1 when an export fails
+to verify.
 """
 
 from __future__ import annotations
@@ -161,6 +163,25 @@ class Client:
         except urllib.error.URLError as exc:
             raise CliError(f"cannot reach {self.address}: {exc.reason}") from None
         return json.loads(raw) if raw else None
+
+    def download(self, path: str, out: IO[bytes]) -> dict[str, str]:
+        """GET ``path`` and copy the body to ``out`` as it arrives; returns the headers."""
+        request = urllib.request.Request(f"{self.address}/v1/{path}")  # noqa: S310
+        if self.token:
+            request.add_header("X-Vault-Token", self.token)
+        try:
+            with urllib.request.urlopen(request, timeout=300) as response:  # noqa: S310
+                shutil.copyfileobj(response, out, 1 << 16)
+                return dict(response.headers.items())
+        except urllib.error.HTTPError as exc:
+            raw = exc.read()
+            try:
+                errors = json.loads(raw).get("errors") or [exc.reason]
+            except (ValueError, AttributeError):
+                errors = [str(exc.reason)]
+            raise CliError(f"{exc.code}: {'; '.join(map(str, errors))}") from None
+        except urllib.error.URLError as exc:
+            raise CliError(f"cannot reach {self.address}: {exc.reason}") from None
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -398,6 +419,34 @@ class _HeadTap:
         return obj if isinstance(obj, dict) and obj.get("type") == "head" else None
 
 
+def cmd_audit_export(args: argparse.Namespace) -> int:
+    """Fetch the export; with ``-o``, written beside FILE first and renamed once complete."""
+    client = _client(args)
+    if args.output in (None, "-"):
+        headers = client.download("ekms/audit/export", sys.stdout.buffer)
+        sys.stdout.flush()
+    else:
+        target = Path(args.output)
+        partial = target.with_name(target.name + ".partial")
+        try:
+            with partial.open("wb") as out:
+                headers = client.download("ekms/audit/export", out)
+            partial.replace(target)
+        except OSError as exc:
+            fail(f"cannot write {args.output}: {exc.strerror or exc}")
+        finally:
+            partial.unlink(missing_ok=True)
+        print(f"Wrote the audit export to {target}", file=sys.stderr)
+    problem = {k.lower(): v for k, v in headers.items()}.get("x-ekms-audit-problem")
+    if problem:
+        print(
+            f"warning: the service reports that its stored log contradicts its signed heads: "
+            f"{problem}. Verify the export: ekms audit verify",
+            file=sys.stderr,
+        )
+    return 0
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     """Check an audit export with no service, HSM or network: exit 0 if sound, 1 if not."""
     from kms.audit_export import MAX_LINE_BYTES, verify_export
@@ -628,9 +677,20 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement 
     client_options(datakey)
     datakey.set_defaults(func=cmd_datakey)
 
-    audit = sub.add_parser("audit", help="verify an audit export, offline").add_subparsers(
-        dest="action", required=True
+    audit = sub.add_parser(
+        "audit", help="fetch an audit export, and verify one offline"
+    ).add_subparsers(dest="action", required=True)
+    export = audit.add_parser(
+        "export",
+        help="fetch the service's audit log as JSON lines (security officers, auditors)",
+        description="Fetch every audit record and signed tree head, with inclusion proofs, as "
+        "JSON lines for `ekms audit verify`. Uses EKMS_ADDR/VAULT_ADDR and EKMS_TOKEN/VAULT_TOKEN.",
     )
+    export.add_argument(
+        "-o", "-output", "--output", metavar="FILE", help="write to FILE (default: stdout)"
+    )
+    client_options(export)
+    export.set_defaults(func=cmd_audit_export)
     verify = audit.add_parser(
         "verify",
         help="check an audit export (offline: no service, HSM or network)",

@@ -114,6 +114,10 @@ def envelope(call: Call, data: Any, warnings: list[str] | None = None) -> dict[s
 
 
 def json_response(status: int, payload: Any, request_id: str) -> Response:
+    """The answer; ``payload`` may be a ready ``Response`` (an export's JSON lines, say)."""
+    if isinstance(payload, Response):
+        payload.headers["X-Request-Id"] = request_id
+        return payload
     if status == 204:
         return Response(status_code=204, headers={"X-Request-Id": request_id})
     return Response(

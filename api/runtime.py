@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from api.audit_log import AuditLog
 from api.audit_writer import AuditWriter
 from api.settings import ConfigError, Settings, prepare_softhsm_environment, softhsm_conf_path
 from hsm.pkcs11_backend import Pkcs11Backend
@@ -51,6 +52,7 @@ class Runtime:
     keys: KeyService
     access: AccessService
     audit: AuditWriter
+    audit_log: AuditLog
     provisioner: TransportPinProvisioner
     clock: SystemClock = field(default_factory=SystemClock)
     random: SystemRandom = field(default_factory=SystemRandom)
@@ -157,6 +159,7 @@ def create_runtime(
         keys=keys,
         access=access,
         audit=AuditWriter(store),
+        audit_log=AuditLog(keys=keys, store=store, barrier=barrier, clock=clock),
         provisioner=provisioner,
         clock=clock,
         random=random,

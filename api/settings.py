@@ -44,6 +44,8 @@ class Settings:
     unseal_timeout: float = 600.0
     log_level: str = "warning"
     dev: bool = False
+    # Sign an audit tree head this often (seconds) if the log grew; 0: only on demand and at seal.
+    audit_head_interval: int = 300
     # --- access control (docs/access-control.md) ---
     site_name: str = "home"
     site_kind: str = "home"  # home | embassy | public-cloud
@@ -72,6 +74,8 @@ class Settings:
             raise ConfigError("max_batch_items must be between 1 and 100000")
         if not 10 <= self.unseal_timeout <= 86_400:
             raise ConfigError("unseal_timeout must be between 10 s and 24 h")
+        if self.audit_head_interval != 0 and not 10 <= self.audit_head_interval <= 86_400:
+            raise ConfigError("audit_head_interval must be 0 (off) or between 10 s and 24 h")
         self._check_access_control()
         host, _ = self.host_port
         if not self.tls_enabled and not self.tls_disable and not _is_loopback(host):

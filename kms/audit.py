@@ -13,11 +13,19 @@ import hmac
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from kms.canonical import canonical_json
+from kms.errors import InvalidRequestError
+
 HASH_PREFIX = "hmac-sha256:"
 
 
 def keyed_hash(key: bytes | bytearray, value: bytes) -> str:
     return HASH_PREFIX + hmac.new(bytes(key), value, hashlib.sha256).hexdigest()
+
+
+def time_us(seconds: float) -> int:
+    """A record's time as the log commits to it: canonical JSON has integers, not floats."""
+    return round(seconds * 1_000_000)
 
 
 @dataclass(frozen=True)
@@ -40,8 +48,30 @@ class AuditRecord:
         values = {name: getattr(self, name) for name in _FIELDS}
         return {k: v for k, v in values.items() if v is not None and v != {}}
 
+    def leaf_json(self) -> dict[str, Any]:
+        """The record as the Merkle log stores and hashes it: ``time`` as ``time_us``."""
+        values = {name: getattr(self, name) for name in _LEAF_FIELDS}
+        values = {k: v for k, v in values.items() if v is not None and v != {}}
+        values["time_us"] = time_us(self.time)
+        return values
+
+    def canonical(self) -> bytes:
+        """The stored bytes; the record's leaf is ``leaf_hash`` of them.
+
+        Details that canonical JSON refuses (a float, say) are replaced by the reason, so one
+        odd value cannot fail the batch it shares a transaction with: the record still says
+        what was done, by whom, and what was decided.
+        """
+        values = self.leaf_json()
+        try:
+            return canonical_json(values)
+        except InvalidRequestError as exc:
+            values["details"] = {"unencodable_details": str(exc)}
+            return canonical_json(values)
+
 
 _FIELDS = tuple(f.name for f in fields(AuditRecord))
+_LEAF_FIELDS = tuple(name for name in _FIELDS if name != "time")
 
 
 @dataclass(frozen=True)

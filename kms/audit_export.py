@@ -155,12 +155,21 @@ def build_export(
     public_jwk: Mapping[str, Any],
     *,
     kid: str | None = None,
+    check: bool = True,
+    leaves: Sequence[bytes] | None = None,
 ) -> list[bytes]:
     """The export's lines, without line endings. ``records[i]`` is the record at index i.
 
     Every head is checked against the records and its signature before anything is written,
     so the service never hands out an export its own verifier would refuse. ``kid`` defaults
     to the key's RFC 7638 thumbprint.
+
+    ``check=False`` skips those checks, for a log whose stored records no longer match its
+    signed heads: the export then shows the auditor what is stored, and the verifier names the
+    first record that does not match. Heads that cover more records than given are written at
+    the end. ``leaves``, the leaf hashes kept from when the records were written, are what the
+    proofs are then computed from: proofs from the changed records themselves would make the
+    first record under the same head fail instead of the changed one.
     """
     key = parse_public_jwk(public_jwk)
     kid = key.thumbprint if kid is None else kid
@@ -168,7 +177,12 @@ def build_export(
         raise InvalidRequestError(f"kid must be a string of 1 to {_MAX_KID_LENGTH} characters")
     tree = MerkleTree(_leaf(i, record) for i, record in enumerate(records))
     heads = list(heads_with_jws)
-    _check_heads_to_export(heads, tree, key, kid)
+    if check:
+        _check_heads_to_export(heads, tree, key, kid)
+    if leaves is not None:
+        if len(leaves) != tree.size:
+            raise InvalidRequestError("give one leaf hash per record")
+        tree = MerkleTree(leaves)
 
     lines = [
         canonical_json(
@@ -178,11 +192,13 @@ def build_export(
     next_head = _write_heads(lines, heads, 0, 0)
     for index, record in enumerate(records):
         line: dict[str, Any] = {"type": "record", "index": index, "record": record}
-        if next_head < len(heads):  # the first head not yet written is the first covering index
+        # The first head not yet written is the first covering index (when heads are in order).
+        if next_head < len(heads) and index < heads[next_head][0].size <= tree.size:
             proof = tree.inclusion_proof(index, heads[next_head][0].size)
             line["proof"] = [node.hex() for node in proof]
         lines.append(canonical_json(line))
         next_head = _write_heads(lines, heads, next_head, index + 1)
+    lines.extend(canonical_json(_head_line(*head)) for head in heads[next_head:])  # unchecked only
     return lines
 
 

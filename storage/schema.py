@@ -8,6 +8,7 @@ from sqlalchemy import (
     Column,
     Float,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -80,6 +81,11 @@ key_versions = Table(
     Column("wrapped_working_key", LargeBinary, nullable=True),
 )
 
+# An append-only RFC 9162 Merkle log (migration 0005): ``record`` holds the canonical JSON bytes
+# whose hash is leaf ``leaf_index`` of the tree, kept in ``leaf_hash`` as written (proofs come
+# from it, so a record changed later fails its own proof, not its neighbours'). Indexes are
+# assigned under the lock on the one ``audit_tree`` row, which holds the tree's size and
+# compact range (kms.merkle).
 audit_log = Table(
     "audit_log",
     metadata,
@@ -88,6 +94,27 @@ audit_log = Table(
     Column("request_id", String(64), nullable=False),
     Column("node", String(128), nullable=False),
     Column("record", Text, nullable=False),
+    Column("leaf_index", BigInteger, nullable=False),
+    Column("leaf_hash", LargeBinary(32), nullable=False),
+    Index("ix_audit_log_leaf_index", "leaf_index", unique=True),
+)
+
+audit_tree = Table(
+    "audit_tree",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("size", BigInteger, nullable=False),
+    Column("range", Text, nullable=False),
+)
+
+# Signed tree heads (kms.audit_export.TreeHead with its JWS); one per size.
+audit_heads = Table(
+    "audit_heads",
+    metadata,
+    Column("size", BigInteger, primary_key=True, autoincrement=False),
+    Column("root_hash", String(64), nullable=False),
+    Column("timestamp_ms", BigInteger, nullable=False),
+    Column("jws", Text, nullable=False),
 )
 
 principals = Table(

@@ -26,12 +26,15 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from kms.approvals import Approval, Proposal, ProposalKind, ProposalState, Verdict
 from kms.audit import Refusal
+from kms.audit_export import TreeHead
 from kms.custody import ShareSetDescriptor
-from kms.errors import ConflictError, StorageError
+from kms.errors import ConflictError, InvalidRequestError, StorageError
 from kms.identity import Principal, Role
 from kms.keys import Classification, KeyPolicy, KeyType, KeyVersion, Residency, VersionState
+from kms.merkle import CompactRange, leaf_hash
 from storage.schema import (
     approvals,
+    audit_heads,
     audit_log,
     emergencies,
     generation,
@@ -66,7 +69,12 @@ _GENERATION_READ: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "ekms_generation_read", default=False
 )
 _SQLITE_SQL = {
-    "audit": "INSERT INTO audit_log (time, request_id, node, record) VALUES (?, ?, ?, ?)",
+    "audit": (
+        "INSERT INTO audit_log (time, request_id, node, record, leaf_index, leaf_hash) "
+        "VALUES (?, ?, ?, ?, ?, ?)"
+    ),
+    "tree": 'SELECT size, "range" FROM audit_tree WHERE id = 1',
+    "tree_write": 'UPDATE audit_tree SET size = ?, "range" = ? WHERE id = 1',
     "once": "INSERT INTO once_ids (id) VALUES (?) ON CONFLICT DO NOTHING",
     "use": (
         "UPDATE proposals SET uses = uses + ? WHERE id = ? AND state = 'approved' "
@@ -79,6 +87,17 @@ _SQLITE_SQL = {
     "sweep": "DELETE FROM once_ids WHERE id < ?",
 }
 _PG_SQL = {name: statement.replace("?", "%s") for name, statement in _SQLITE_SQL.items()}
+# SQLite's BEGIN IMMEDIATE already makes writers take turns; PostgreSQL locks the tree's row.
+_PG_SQL["tree"] += " FOR UPDATE"
+# A head is stored only if it keeps heads in log order (sizes and times rising together): two
+# nodes signing at once could otherwise store a larger head with an earlier time.
+_INSERT_HEAD = text(
+    "INSERT INTO audit_heads (size, root_hash, timestamp_ms, jws) "
+    "SELECT :size, :root_hash, :timestamp_ms, :jws WHERE NOT EXISTS ("
+    "SELECT 1 FROM audit_heads WHERE (size < :size AND timestamp_ms > :timestamp_ms) "
+    "OR (size > :size AND timestamp_ms < :timestamp_ms)) "
+    "ON CONFLICT (size) DO NOTHING"
+)
 
 
 def make_engine(url: str) -> Engine:
@@ -141,6 +160,9 @@ class SqlStore:
         self._checkpointer: threading.Thread | None = None
         self._last_sweep = 0.0
         self._stopping = threading.Event()
+        # The audit tree's row as this process last committed it: (its range text, the range).
+        # A batch that reads the same text from the locked row resumes without parsing it.
+        self._tree: tuple[str, CompactRange] | None = None
 
     def __repr__(self) -> str:
         return f"SqlStore({self._engine.dialect.name})"
@@ -749,7 +771,12 @@ class SqlStore:
         self.commit([(record, None) for record in records])
 
     def commit(self, batch: Sequence[tuple[AuditRecord, Admission | None]]) -> list[Refusal | None]:
-        """One transaction per batch, on the raw connection: this runs once per request."""
+        """One transaction per batch, on the raw connection: this runs once per request.
+
+        The batch's records become the next leaves of the audit tree: the transaction first
+        locks the tree's row, so indexes are gap-free and in commit order across processes
+        and nodes, and it writes the tree's new size and compact range back before it commits.
+        """
         if not batch:
             return []
         connection = self._raw_connection()
@@ -759,11 +786,11 @@ class SqlStore:
             try:
                 if postgres:
                     with connection.driver_connection.transaction():
-                        outcome = self._commit_batch(cursor, batch, _PG_SQL)
+                        outcome, tree = self._commit_batch(cursor, batch, _PG_SQL)
                 else:
                     _begin_immediate(cursor)
                     try:
-                        outcome = self._commit_batch(cursor, batch, _SQLITE_SQL)
+                        outcome, tree = self._commit_batch(cursor, batch, _SQLITE_SQL)
                     except BaseException:
                         connection.rollback()
                         raise
@@ -773,6 +800,7 @@ class SqlStore:
         except Exception:
             self._drop_raw_connection()
             raise
+        self._tree = tree
         return outcome
 
     def _commit_batch(
@@ -780,7 +808,9 @@ class SqlStore:
         cursor: Any,
         batch: Sequence[tuple[AuditRecord, Admission | None]],
         sql: Mapping[str, str],
-    ) -> list[Refusal | None]:
+    ) -> tuple[list[Refusal | None], tuple[str, CompactRange]]:
+        cursor.execute(sql["tree"])  # first: every writer takes the locks in the same order
+        compact = self._resume_tree(cursor.fetchall())
         outcome: list[Refusal | None] = []
         rows = []
         for record, admission in batch:
@@ -790,27 +820,157 @@ class SqlStore:
                 record = replace(  # noqa: PLW2901 - the record says what really happened
                     record, decision="deny", status=refusal.status, reason=refusal.reason
                 )
+            data = record.canonical()
+            leaf = leaf_hash(data)
             rows.append(
-                (
-                    record.time,
-                    record.request_id,
-                    record.node,
-                    orjson.dumps(record.to_json(), option=orjson.OPT_SORT_KEYS).decode(),
-                )
+                (record.time, record.request_id, record.node, data.decode(), compact.size, leaf)
             )
+            compact.append(leaf)
         cursor.executemany(sql["audit"], rows)
+        tree_text = orjson.dumps(compact.to_json()).decode()
+        cursor.execute(sql["tree_write"], (compact.size, tree_text))
         now = time.time()
         if now - self._last_sweep > _SWEEP_SECONDS:
             self._last_sweep = now
             cursor.execute(sql["sweep"], (struct.pack(">Q", math.floor(now)),))
-        return outcome
+        return outcome, (tree_text, compact)
+
+    def _resume_tree(self, rows: list[Any]) -> CompactRange:
+        """The tree as the locked row holds it, to append to.
+
+        The range this process committed last is reused if the row still holds it; it is
+        taken out of the cache first, so a batch that fails leaves no half-appended range
+        behind. (Only the holder of the row's lock gets here, one at a time.) The rows are
+        fetched to the end: a SELECT left open on SQLite makes the UPDATE of the same row
+        that follows cost as much as the whole commit.
+        """
+        if not rows:
+            raise StorageError("the audit tree is missing: run the database migrations")
+        size, tree_text = rows[0]
+        cached, self._tree = self._tree, None
+        if cached is not None and cached[0] == tree_text:
+            return cached[1]
+        return _compact_range(int(size), tree_text)
+
+    def tree_state(self) -> tuple[int, bytes]:
+        """The audit tree's size and root hash, as of the last committed batch."""
+        with self._reading() as conn:
+            row = conn.execute(text('SELECT size, "range" FROM audit_tree WHERE id = 1')).first()
+        if row is None:
+            raise StorageError("the audit tree is missing: run the database migrations")
+        compact = _compact_range(int(row[0]), row[1])
+        return compact.size, compact.root()
 
     def audit_records(self, limit: int = 1000) -> list[dict[str, Any]]:
-        with self._engine.connect() as conn:
+        """The first ``limit`` records in log order, as stored (``time_us``, not ``time``)."""
+        with self._reading() as conn:
             rows = conn.execute(
-                select(audit_log.c.seq, audit_log.c.record).order_by(audit_log.c.seq).limit(limit)
+                select(audit_log.c.seq, audit_log.c.leaf_index, audit_log.c.record)
+                .order_by(audit_log.c.leaf_index)
+                .limit(limit)
             ).all()
-        return [{"seq": seq, **json.loads(record)} for seq, record in rows]
+        return [
+            {"seq": seq, "leaf_index": index, **json.loads(record)} for seq, index, record in rows
+        ]
+
+    def audit_leaf_data(self, start: int = 0, end: int | None = None) -> list[bytes]:
+        """The stored bytes of records ``[start, end)``; a missing index is a storage error.
+
+        Each is what its leaf hash was taken over when it was written, unless someone changed
+        the row since: exactly what a proof or an export must expose.
+        """
+        return [data.encode() for data, _ in self._leaf_rows(start, end)]
+
+    def leaves(self, start: int = 0, end: int | None = None) -> list[bytes]:
+        """Leaf hashes ``[start, end)`` as stored when each record was written.
+
+        Proofs are computed from these: a record changed later then fails its own proof, and
+        only its own (``audit_leaf_data`` gives what to recompute them from).
+        """
+        return [bytes(leaf) for _, leaf in self._leaf_rows(start, end)]
+
+    def _leaf_rows(self, start: int, end: int | None) -> list[tuple[str, bytes]]:
+        query = select(audit_log.c.leaf_index, audit_log.c.record, audit_log.c.leaf_hash).where(
+            audit_log.c.leaf_index >= start
+        )
+        if end is not None:
+            query = query.where(audit_log.c.leaf_index < end)
+        with self._reading() as conn:
+            rows = conn.execute(query.order_by(audit_log.c.leaf_index)).all()
+        for expected, row in enumerate(rows, start):
+            if row[0] != expected:
+                raise StorageError(f"audit record {expected} is missing from the database")
+        if end is not None and len(rows) != end - start:
+            raise StorageError(f"audit record {start + len(rows)} is missing from the database")
+        return [(row[1], row[2]) for row in rows]
+
+    def audit_export_rows(
+        self, limit: int | None = None
+    ) -> list[tuple[int, dict[str, Any], bytes]]:
+        """(leaf index, record, stored leaf hash) in log order, the first ``limit`` (or all)."""
+        query = select(audit_log.c.leaf_index, audit_log.c.record, audit_log.c.leaf_hash).order_by(
+            audit_log.c.leaf_index
+        )
+        if limit is not None:
+            query = query.limit(limit)
+        with self._reading() as conn:
+            rows = conn.execute(query).all()
+        try:
+            return [(index, orjson.loads(record), bytes(leaf)) for index, record, leaf in rows]
+        except orjson.JSONDecodeError:
+            raise StorageError("an audit record in the database is not valid JSON") from None
+
+    def add_tree_head(self, head: TreeHead, jws: str) -> bool:
+        """Store a signed head; False if one of that size exists or it would break log order."""
+        values = {
+            "size": head.size,
+            "root_hash": head.root_hash.hex(),
+            "timestamp_ms": head.timestamp_ms,
+            "jws": jws,
+        }
+        try:
+            with self._engine.begin() as conn:
+                if self._engine.dialect.name == "postgresql":
+                    conn.execute(text("SELECT size FROM audit_tree WHERE id = 1 FOR UPDATE"))
+                inserted = conn.execute(_INSERT_HEAD, values).rowcount
+        except SQLAlchemyError as exc:
+            raise StorageError("metadata store unavailable") from exc
+        return bool(inserted)
+
+    def tree_heads(self) -> list[tuple[TreeHead, str]]:
+        """Every signed head with its JWS, smallest first."""
+        with self._reading() as conn:
+            rows = conn.execute(select(audit_heads).order_by(audit_heads.c.size)).all()
+        return [_tree_head(row) for row in rows]
+
+    def tree_head(self, size: int | None = None) -> tuple[TreeHead, str] | None:
+        """The signed head of ``size``, or the largest one; None if there is none."""
+        query = select(audit_heads)
+        if size is None:
+            query = query.order_by(audit_heads.c.size.desc()).limit(1)
+        else:
+            query = query.where(audit_heads.c.size == size)
+        with self._reading() as conn:
+            row = conn.execute(query).first()
+        return None if row is None else _tree_head(row)
+
+
+def _compact_range(size: int, tree_text: str) -> CompactRange:
+    try:
+        compact = CompactRange.from_json(orjson.loads(tree_text))
+    except (orjson.JSONDecodeError, InvalidRequestError) as exc:
+        raise StorageError("the audit tree row is corrupt") from exc
+    if compact.size != size:
+        raise StorageError("the audit tree row is corrupt: its size and range disagree")
+    return compact
+
+
+def _tree_head(row: Any) -> tuple[TreeHead, str]:
+    try:
+        head = TreeHead(int(row.size), bytes.fromhex(row.root_hash), int(row.timestamp_ms))
+    except (ValueError, InvalidRequestError) as exc:
+        raise StorageError(f"the stored tree head of size {row.size} is corrupt") from exc
+    return head, str(row.jws)
 
 
 def _cached(entries: dict[K, V], key: K, load: Callable[[K], V | None]) -> V | None:

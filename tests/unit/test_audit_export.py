@@ -740,3 +740,40 @@ def test_kid_defaults_to_the_key_thumbprint() -> None:
     lines = build_export(records, heads, jwk(KEY))
     assert parse(lines[0])["kid"] == thumbprint
     assert verify_export(lines, trusted_key=jwk(KEY)).ok
+
+
+def test_unchecked_build_shows_a_changed_record_to_the_verifier() -> None:
+    records = make_records(RECORD_COUNT)
+    heads = make_heads(records, HEAD_SIZES)
+    records[21]["status"] = 200  # a denial turned into an allow
+    records[21]["decision"] = "allow"
+    with pytest.raises(InvalidRequestError, match="root does not match"):
+        build_export(records, heads, jwk(KEY), kid=KID)
+    kept = [leaf_hash(canonical_json(r)) for r in make_records(RECORD_COUNT)]
+    lines = build_export(records, heads, jwk(KEY), kid=KID, check=False, leaves=kept)
+    check(
+        verify_export(lines, trusted_key=jwk(KEY)), "record 21: content does not match", record=21
+    )
+    # Proofs from the changed records blame the first record under the same head instead.
+    lines = build_export(records, heads, jwk(KEY), kid=KID, check=False)
+    check(
+        verify_export(lines, trusted_key=jwk(KEY)), "record 10: content does not match", record=10
+    )
+    with pytest.raises(InvalidRequestError, match="one leaf hash per record"):
+        build_export(records, heads, jwk(KEY), kid=KID, check=False, leaves=kept[:-1])
+
+
+def test_unchecked_build_of_a_log_cut_short_names_the_truncation() -> None:
+    records = make_records(RECORD_COUNT)
+    heads = make_heads(records, HEAD_SIZES)
+    lines = build_export(records[:45], heads, jwk(KEY), kid=KID, check=False)
+    assert parse(lines[-1])["size"] == 50  # heads beyond the records go at the end
+    message = "record 40: has no inclusion proof, but signed head 4 covers it"
+    check(verify_export(lines, trusted_key=jwk(KEY)), message, record=40)
+
+
+def test_unchecked_build_of_a_sound_log_is_the_checked_one() -> None:
+    records = make_records(RECORD_COUNT)
+    heads = make_heads(records, HEAD_SIZES)
+    checked = build_export(records, heads, jwk(KEY), kid=KID)
+    assert build_export(records, heads, jwk(KEY), kid=KID, check=False) == checked

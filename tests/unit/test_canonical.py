@@ -8,8 +8,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kms.canonical import MAX_DEPTH, MAX_SAFE_INTEGER, canonical_json
+from kms.canonical import MAX_DEPTH, MAX_SAFE_INTEGER, _canonical_json, canonical_json
 from kms.errors import InvalidRequestError
+
+
+class IntFlagLike(enum.IntEnum):
+    ONE = 1
+
 
 # --- RFC 8785 vectors ---------------------------------------------------------------------------
 
@@ -185,3 +190,47 @@ def test_matches_sorted_compact_json_when_keys_stay_in_the_bmp(value: object) ->
     """Below U+10000 UTF-16 order is code-point order, so Python's own encoder must agree."""
     expected = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     assert canonical_json(value) == expected.encode()
+
+
+# --- the fast path (orjson) against the encoder -------------------------------------------------
+
+
+def test_fast_path_escapes_every_code_point_as_the_encoder_does() -> None:
+    characters = [chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF]
+    for start in range(0, len(characters), 4096):
+        chunk = characters[start : start + 4096]
+        value = {"k": chunk, "s": "".join(chunk)}
+        assert canonical_json(value) == _canonical_json(value)
+
+
+@settings(max_examples=500, deadline=None)
+@given(json_values(TEXT))
+def test_fast_path_agrees_with_the_encoder(value: object) -> None:
+    assert canonical_json(value) == _canonical_json(value)
+    wrapped = {"record": value, "n": [value, {"\U0001f600": 1, "\ufb33": 2}]}
+    assert canonical_json(wrapped) == _canonical_json(wrapped)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"a": 1.0},
+        {"a": [2**53]},
+        {"a": {"b": -(2**53)}},
+        {1: "x"},
+        {"a": "\ud800"},
+        {"a": (1, 2)},
+        {"a": IntFlagLike.ONE},
+    ],
+    ids=["float", "big-int", "small-int", "int-key", "surrogate", "tuple", "int-subclass"],
+)
+def test_values_the_fast_path_cannot_vouch_for_go_to_the_encoder(value: object) -> None:
+    try:
+        expected: bytes | str = _canonical_json(value)
+    except InvalidRequestError as exc:
+        expected = str(exc)
+    try:
+        got: bytes | str = canonical_json(value)
+    except InvalidRequestError as exc:
+        got = str(exc)
+    assert got == expected
