@@ -8,7 +8,6 @@ from sqlalchemy import (
     Column,
     Float,
     ForeignKey,
-    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -82,21 +81,20 @@ key_versions = Table(
 )
 
 # An append-only RFC 9162 Merkle log (migration 0005): ``record`` holds the canonical JSON bytes
-# whose hash is leaf ``leaf_index`` of the tree, kept in ``leaf_hash`` as written (proofs come
-# from it, so a record changed later fails its own proof, not its neighbours'). Indexes are
-# assigned under the lock on the one ``audit_tree`` row, which holds the tree's size and
-# compact range (kms.merkle).
+# whose hash is leaf ``seq`` of the tree (from 0), kept in ``leaf_hash`` as written (proofs come
+# from it, so a record changed later fails its own proof, not its neighbours'). ``seq`` is
+# assigned by the writer under the lock on the one ``audit_tree`` row, which holds the tree's
+# size and compact range (kms.merkle: the perfect subtrees' roots, 32 bytes each). Being the
+# primary key, it is unique without a second index on the hot path.
 audit_log = Table(
     "audit_log",
     metadata,
-    Column("seq", SEQ, primary_key=True, autoincrement=True),
+    Column("seq", SEQ, primary_key=True, autoincrement=False),
     Column("time", Float, nullable=False),
     Column("request_id", String(64), nullable=False),
     Column("node", String(128), nullable=False),
     Column("record", Text, nullable=False),
-    Column("leaf_index", BigInteger, nullable=False),
     Column("leaf_hash", LargeBinary(32), nullable=False),
-    Index("ix_audit_log_leaf_index", "leaf_index", unique=True),
 )
 
 audit_tree = Table(
@@ -104,7 +102,7 @@ audit_tree = Table(
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=False),
     Column("size", BigInteger, nullable=False),
-    Column("range", Text, nullable=False),
+    Column("range", LargeBinary, nullable=False),
 )
 
 # Signed tree heads (kms.audit_export.TreeHead with its JWS); one per size.

@@ -31,7 +31,7 @@ from kms.custody import ShareSetDescriptor
 from kms.errors import ConflictError, InvalidRequestError, StorageError
 from kms.identity import Principal, Role
 from kms.keys import Classification, KeyPolicy, KeyType, KeyVersion, Residency, VersionState
-from kms.merkle import CompactRange, leaf_hash
+from kms.merkle import HASH_SIZE, CompactRange, leaf_hash
 from storage.schema import (
     approvals,
     audit_heads,
@@ -70,7 +70,7 @@ _GENERATION_READ: contextvars.ContextVar[bool] = contextvars.ContextVar(
 )
 _SQLITE_SQL = {
     "audit": (
-        "INSERT INTO audit_log (time, request_id, node, record, leaf_index, leaf_hash) "
+        "INSERT INTO audit_log (time, request_id, node, record, seq, leaf_hash) "
         "VALUES (?, ?, ?, ?, ?, ?)"
     ),
     "tree": 'SELECT size, "range" FROM audit_tree WHERE id = 1',
@@ -827,13 +827,13 @@ class SqlStore:
             )
             compact.append(leaf)
         cursor.executemany(sql["audit"], rows)
-        tree_text = orjson.dumps(compact.to_json()).decode()
-        cursor.execute(sql["tree_write"], (compact.size, tree_text))
+        tree_bytes = b"".join(compact.hashes)
+        cursor.execute(sql["tree_write"], (compact.size, tree_bytes))
         now = time.time()
         if now - self._last_sweep > _SWEEP_SECONDS:
             self._last_sweep = now
             cursor.execute(sql["sweep"], (struct.pack(">Q", math.floor(now)),))
-        return outcome, (tree_text, compact)
+        return outcome, (tree_bytes, compact)
 
     def _resume_tree(self, rows: list[Any]) -> CompactRange:
         """The tree as the locked row holds it, to append to.
@@ -846,11 +846,11 @@ class SqlStore:
         """
         if not rows:
             raise StorageError("the audit tree is missing: run the database migrations")
-        size, tree_text = rows[0]
+        size, tree_bytes = rows[0]
         cached, self._tree = self._tree, None
-        if cached is not None and cached[0] == tree_text:
+        if cached is not None and cached[0] == tree_bytes:
             return cached[1]
-        return _compact_range(int(size), tree_text)
+        return _compact_range(int(size), bytes(tree_bytes))
 
     def tree_state(self) -> tuple[int, bytes]:
         """The audit tree's size and root hash, as of the last committed batch."""
@@ -858,19 +858,18 @@ class SqlStore:
             row = conn.execute(text('SELECT size, "range" FROM audit_tree WHERE id = 1')).first()
         if row is None:
             raise StorageError("the audit tree is missing: run the database migrations")
-        compact = _compact_range(int(row[0]), row[1])
+        compact = _compact_range(int(row[0]), bytes(row[1]))
         return compact.size, compact.root()
 
     def audit_records(self, limit: int = 1000) -> list[dict[str, Any]]:
         """The first ``limit`` records in log order, as stored (``time_us``, not ``time``)."""
         with self._reading() as conn:
             rows = conn.execute(
-                select(audit_log.c.seq, audit_log.c.leaf_index, audit_log.c.record)
-                .order_by(audit_log.c.leaf_index)
+                select(audit_log.c.seq, audit_log.c.record).order_by(audit_log.c.seq)
                 .limit(limit)
             ).all()
         return [
-            {"seq": seq, "leaf_index": index, **json.loads(record)} for seq, index, record in rows
+            {"seq": seq, "leaf_index": seq, **json.loads(record)} for seq, record in rows
         ]
 
     def audit_leaf_data(self, start: int = 0, end: int | None = None) -> list[bytes]:
@@ -890,13 +889,13 @@ class SqlStore:
         return [bytes(leaf) for _, leaf in self._leaf_rows(start, end)]
 
     def _leaf_rows(self, start: int, end: int | None) -> list[tuple[str, bytes]]:
-        query = select(audit_log.c.leaf_index, audit_log.c.record, audit_log.c.leaf_hash).where(
-            audit_log.c.leaf_index >= start
+        query = select(audit_log.c.seq, audit_log.c.record, audit_log.c.leaf_hash).where(
+            audit_log.c.seq >= start
         )
         if end is not None:
-            query = query.where(audit_log.c.leaf_index < end)
+            query = query.where(audit_log.c.seq < end)
         with self._reading() as conn:
-            rows = conn.execute(query.order_by(audit_log.c.leaf_index)).all()
+            rows = conn.execute(query.order_by(audit_log.c.seq)).all()
         for expected, row in enumerate(rows, start):
             if row[0] != expected:
                 raise StorageError(f"audit record {expected} is missing from the database")
@@ -908,8 +907,8 @@ class SqlStore:
         self, limit: int | None = None
     ) -> list[tuple[int, dict[str, Any], bytes]]:
         """(leaf index, record, stored leaf hash) in log order, the first ``limit`` (or all)."""
-        query = select(audit_log.c.leaf_index, audit_log.c.record, audit_log.c.leaf_hash).order_by(
-            audit_log.c.leaf_index
+        query = select(audit_log.c.seq, audit_log.c.record, audit_log.c.leaf_hash).order_by(
+            audit_log.c.seq
         )
         if limit is not None:
             query = query.limit(limit)
@@ -955,14 +954,13 @@ class SqlStore:
         return None if row is None else _tree_head(row)
 
 
-def _compact_range(size: int, tree_text: str) -> CompactRange:
+def _compact_range(size: int, tree_bytes: bytes) -> CompactRange:
+    """The stored range: its subtree roots, 32 bytes each, largest subtree first."""
+    hashes = [tree_bytes[i : i + HASH_SIZE] for i in range(0, len(tree_bytes), HASH_SIZE)]
     try:
-        compact = CompactRange.from_json(orjson.loads(tree_text))
-    except (orjson.JSONDecodeError, InvalidRequestError) as exc:
-        raise StorageError("the audit tree row is corrupt") from exc
-    if compact.size != size:
-        raise StorageError("the audit tree row is corrupt: its size and range disagree")
-    return compact
+        return CompactRange(size=size, hashes=hashes)
+    except (InvalidRequestError, ValueError) as exc:
+        raise StorageError("the audit tree row is corrupt: its size and range disagree") from exc
 
 
 def _tree_head(row: Any) -> tuple[TreeHead, str]:

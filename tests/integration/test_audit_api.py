@@ -186,7 +186,7 @@ def test_export_verifies_and_a_changed_row_is_named(world: World) -> None:
     forged.pop("reason", None)
     with world.server.runtime.store._engine.begin() as conn:
         conn.execute(
-            sa.text("UPDATE audit_log SET record = :r WHERE leaf_index = :i"),
+            sa.text("UPDATE audit_log SET record = :r WHERE seq = :i"),
             {"r": canonical_json(forged).decode(), "i": denied["index"]},
         )
     lines, response = export_lines(world, officer)

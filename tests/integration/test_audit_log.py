@@ -52,7 +52,7 @@ def _rows(store: SqlStore) -> list[tuple[int, str, bytes]]:
         return [
             (int(i), r, bytes(h))
             for i, r, h in conn.execute(
-                sa.text("SELECT leaf_index, record, leaf_hash FROM audit_log ORDER BY leaf_index")
+                sa.text("SELECT seq, record, leaf_hash FROM audit_log ORDER BY seq")
             )
         ]
 
@@ -134,7 +134,7 @@ def test_leaf_index_is_unique(stores: tuple[SqlStore, SqlStore]) -> None:
     with pytest.raises(sa.exc.IntegrityError), store._engine.begin() as conn:
         conn.execute(
             sa.text(
-                "INSERT INTO audit_log (time, request_id, node, record, leaf_index, leaf_hash) "
+                "INSERT INTO audit_log (time, request_id, node, record, seq, leaf_hash) "
                 "VALUES (0, 'x', 'n', '{}', 0, :h)"
             ),
             {"h": b"\0" * 32},

@@ -1,16 +1,16 @@
 """audit log as an RFC 9162 Merkle tree: leaf indexes and hashes, compact range, signed heads
 
 Each record is stored as the canonical JSON (RFC 8785) its leaf hash is taken over, with its
-time as integer microseconds (``time_us``): canonical JSON has no floats. Rows already present
-are re-encoded so, in ``seq`` order, and become leaves 0, 1, ...; ``audit_tree`` (one row) gets
-the size and compact range of the tree they make.
+time as integer microseconds (``time_us``): canonical JSON has no floats. ``seq`` becomes the
+leaf index, assigned by the writer, so rows already present are re-encoded in ``seq`` order and
+renumbered 0, 1, ... (each new number is below the old one, so updating in ascending order never
+collides); ``audit_tree`` (one row) gets the size and compact range of the tree they make.
 
 Revision ID: 0005
 Revises: 0004
 """
 
-import json
-
+import orjson
 import sqlalchemy as sa
 from alembic import op
 
@@ -28,13 +28,12 @@ _CHUNK = 5000
 
 
 def upgrade() -> None:
-    op.add_column("audit_log", sa.Column("leaf_index", sa.BigInteger, nullable=True))
     op.add_column("audit_log", sa.Column("leaf_hash", sa.LargeBinary(32), nullable=True))
     op.create_table(
         "audit_tree",
         sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
         sa.Column("size", sa.BigInteger, nullable=False),
-        sa.Column("range", sa.Text, nullable=False),
+        sa.Column("range", sa.LargeBinary, nullable=False),
     )
     op.create_table(
         "audit_heads",
@@ -46,12 +45,10 @@ def upgrade() -> None:
     compact = _index_existing_records(op.get_bind())
     op.get_bind().execute(
         sa.text('INSERT INTO audit_tree (id, size, "range") VALUES (1, :size, :range)'),
-        {"size": compact.size, "range": json.dumps(compact.to_json(), separators=(",", ":"))},
+        {"size": compact.size, "range": b"".join(compact.hashes)},
     )
     with op.batch_alter_table("audit_log") as batch:
-        batch.alter_column("leaf_index", existing_type=sa.BigInteger, nullable=False)
         batch.alter_column("leaf_hash", existing_type=sa.LargeBinary(32), nullable=False)
-        batch.create_index("ix_audit_log_leaf_index", ["leaf_index"], unique=True)
 
 
 def _index_existing_records(bind: sa.Connection) -> CompactRange:
@@ -68,19 +65,20 @@ def _index_existing_records(bind: sa.Connection) -> CompactRange:
             return compact
         updates = []
         for seq, seconds, record in rows:
-            data = _canonical_record(json.loads(record), seconds)
+            data = _canonical_record(orjson.loads(record), seconds)
             leaf = leaf_hash(data)
             compact.append(leaf)
             updates.append(
                 {"seq": seq, "record": data.decode(), "index": compact.size - 1, "leaf": leaf}
             )
-        bind.execute(
-            sa.text(
-                "UPDATE audit_log SET record = :record, leaf_index = :index, leaf_hash = :leaf "
-                "WHERE seq = :seq"
-            ),
-            updates,
-        )
+        for update in updates:  # one by one, ascending: a new number is never still taken
+            bind.execute(
+                sa.text(
+                    "UPDATE audit_log SET record = :record, seq = :index, leaf_hash = :leaf "
+                    "WHERE seq = :seq"
+                ),
+                update,
+            )
         last = rows[-1][0]
 
 
@@ -97,8 +95,6 @@ def _canonical_record(record: dict[str, object], seconds: float) -> bytes:
 
 def downgrade() -> None:
     with op.batch_alter_table("audit_log") as batch:
-        batch.drop_index("ix_audit_log_leaf_index")
         batch.drop_column("leaf_hash")
-        batch.drop_column("leaf_index")
     op.drop_table("audit_heads")
     op.drop_table("audit_tree")
