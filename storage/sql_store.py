@@ -160,9 +160,9 @@ class SqlStore:
         self._checkpointer: threading.Thread | None = None
         self._last_sweep = 0.0
         self._stopping = threading.Event()
-        # The audit tree's row as this process last committed it: (its range text, the range).
-        # A batch that reads the same text from the locked row resumes without parsing it.
-        self._tree: tuple[str, CompactRange] | None = None
+        # The audit tree's row as this process last committed it: (its stored range, the range).
+        # A batch that reads the same bytes from the locked row resumes without parsing them.
+        self._tree: tuple[bytes, CompactRange] | None = None
 
     def __repr__(self) -> str:
         return f"SqlStore({self._engine.dialect.name})"
@@ -808,7 +808,7 @@ class SqlStore:
         cursor: Any,
         batch: Sequence[tuple[AuditRecord, Admission | None]],
         sql: Mapping[str, str],
-    ) -> tuple[list[Refusal | None], tuple[str, CompactRange]]:
+    ) -> tuple[list[Refusal | None], tuple[bytes, CompactRange]]:
         cursor.execute(sql["tree"])  # first: every writer takes the locks in the same order
         compact = self._resume_tree(cursor.fetchall())
         outcome: list[Refusal | None] = []
@@ -865,12 +865,9 @@ class SqlStore:
         """The first ``limit`` records in log order, as stored (``time_us``, not ``time``)."""
         with self._reading() as conn:
             rows = conn.execute(
-                select(audit_log.c.seq, audit_log.c.record).order_by(audit_log.c.seq)
-                .limit(limit)
+                select(audit_log.c.seq, audit_log.c.record).order_by(audit_log.c.seq).limit(limit)
             ).all()
-        return [
-            {"seq": seq, "leaf_index": seq, **json.loads(record)} for seq, record in rows
-        ]
+        return [{"seq": seq, "leaf_index": seq, **json.loads(record)} for seq, record in rows]
 
     def audit_leaf_data(self, start: int = 0, end: int | None = None) -> list[bytes]:
         """The stored bytes of records ``[start, end)``; a missing index is a storage error.
