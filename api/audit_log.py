@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import load_der_public_key
 
 from kms import jose
 from kms.audit_export import TreeHead, build_export, sign_tree_head
@@ -231,15 +229,7 @@ def _latest_jwk(policy: KeyPolicy) -> jose.PublicJwk:
     version = policy.versions.get(policy.latest_version)
     if version is None or version.state is not VersionState.ACTIVE or version.public_key is None:
         raise StorageError("the audit signing key has no active version")
-    key = load_der_public_key(version.public_key)
-    if not isinstance(key, ec.EllipticCurvePublicKey):
-        raise StorageError("the audit signing key is not an EC key")
-    numbers = key.public_numbers()
-    return jose.parse_public_jwk(
-        {
-            "kty": "EC",
-            "crv": "P-256",
-            "x": jose.b64url_encode(numbers.x.to_bytes(32, "big")),
-            "y": jose.b64url_encode(numbers.y.to_bytes(32, "big")),
-        }
-    )
+    try:
+        return jose.ec_jwk_from_der(version.public_key)
+    except InvalidRequestError as exc:
+        raise StorageError("the audit signing key is not an EC P-256 key") from exc

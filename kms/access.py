@@ -13,9 +13,6 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import load_der_public_key
-
 from kms import jose
 from kms.approvals import (
     Approval,
@@ -192,7 +189,7 @@ class AccessService:
             for version in policy.versions.values():
                 if version.public_key is None or version.state.value != "active":
                     continue
-                jwk = _jwk_from_der(version.public_key)
+                jwk = jose.ec_jwk_from_der(version.public_key)
                 keys[jwk.thumbprint] = jwk
             ring = self._ring = _KeyRing(policy, keys)
         return ring
@@ -218,7 +215,7 @@ class AccessService:
         assert ring.policy is not None
         latest = ring.policy.versions[ring.policy.latest_version]
         assert latest.public_key is not None
-        kid = _jwk_from_der(latest.public_key).thumbprint
+        kid = jose.ec_jwk_from_der(latest.public_key).thumbprint
         now = float(int(self._clock.now()))
         claims = AccessClaims(
             issuer=self.config.issuer,
@@ -787,18 +784,3 @@ def _display_name(value: str) -> str:
     if len(value) > 200 or any(ord(c) < 32 for c in value):
         raise InvalidRequestError("display_name must be at most 200 printable characters")
     return value
-
-
-def _jwk_from_der(der: bytes) -> jose.PublicJwk:
-    key = load_der_public_key(der)
-    if not isinstance(key, ec.EllipticCurvePublicKey):
-        raise InvalidRequestError("signing key is not an EC key")
-    numbers = key.public_numbers()
-    return jose.parse_public_jwk(
-        {
-            "kty": "EC",
-            "crv": "P-256",
-            "x": jose.b64url_encode(numbers.x.to_bytes(32, "big")),
-            "y": jose.b64url_encode(numbers.y.to_bytes(32, "big")),
-        }
-    )

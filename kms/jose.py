@@ -27,6 +27,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.hazmat.primitives.serialization import load_der_public_key
 
 from kms.errors import AuthenticationError, BackendError, InvalidRequestError
 
@@ -134,6 +135,22 @@ def parse_public_jwk(obj: object) -> PublicJwk:
         return _parse_jwk(obj)
     except _JwkError as exc:
         raise InvalidRequestError(str(exc)) from None
+
+
+def ec_jwk_from_der(der: bytes) -> PublicJwk:
+    """The JWK of a P-256 public key as the HSM reports it (DER SubjectPublicKeyInfo)."""
+    key = load_der_public_key(der)
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise InvalidRequestError("signing key is not an EC P-256 key")
+    numbers = key.public_numbers()
+    return parse_public_jwk(
+        {
+            "kty": "EC",
+            "crv": "P-256",
+            "x": b64url_encode(numbers.x.to_bytes(32, "big")),
+            "y": b64url_encode(numbers.y.to_bytes(32, "big")),
+        }
+    )
 
 
 def jwk_thumbprint(members: Mapping[str, str]) -> str:
