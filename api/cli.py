@@ -154,12 +154,7 @@ class Client:
             with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310
                 raw = response.read()
         except urllib.error.HTTPError as exc:
-            raw = exc.read()
-            try:
-                errors = json.loads(raw).get("errors") or [exc.reason]
-            except (ValueError, AttributeError):
-                errors = [str(exc.reason)]
-            raise CliError(f"{exc.code}: {'; '.join(map(str, errors))}") from None
+            raise _http_error(exc) from None
         except urllib.error.URLError as exc:
             raise CliError(f"cannot reach {self.address}: {exc.reason}") from None
         return json.loads(raw) if raw else None
@@ -174,14 +169,19 @@ class Client:
                 shutil.copyfileobj(response, out, 1 << 16)
                 return dict(response.headers.items())
         except urllib.error.HTTPError as exc:
-            raw = exc.read()
-            try:
-                errors = json.loads(raw).get("errors") or [exc.reason]
-            except (ValueError, AttributeError):
-                errors = [str(exc.reason)]
-            raise CliError(f"{exc.code}: {'; '.join(map(str, errors))}") from None
+            raise _http_error(exc) from None
         except urllib.error.URLError as exc:
             raise CliError(f"cannot reach {self.address}: {exc.reason}") from None
+
+
+def _http_error(exc: urllib.error.HTTPError) -> CliError:
+    """The service's own error messages (Vault's ``errors`` list), with the status."""
+    raw = exc.read()
+    try:
+        errors = json.loads(raw).get("errors") or [exc.reason]
+    except (ValueError, AttributeError):
+        errors = [str(exc.reason)]
+    return CliError(f"{exc.code}: {'; '.join(map(str, errors))}")
 
 
 def _client(args: argparse.Namespace) -> Client:

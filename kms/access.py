@@ -10,8 +10,7 @@ from __future__ import annotations
 import hashlib
 import uuid
 from dataclasses import dataclass, field, replace
-from enum import StrEnum
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kms import jose
 from kms.approvals import (
@@ -35,7 +34,7 @@ from kms.errors import (
 )
 from kms.identity import QUORUM_ROLES, Principal, Role, parse_roles, validate_principal_id
 from kms.keys import SYSTEM_KEY_PREFIX, Classification, KeyPolicy, KeyType
-from kms.policy import Operation, RestoreMatrix, Site, check_scoped_use
+from kms.policy import Operation, RestoreMatrix, Site, check_scoped_use, parse_choice
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -53,7 +52,6 @@ _MAX_JUSTIFICATION = 2000
 _MAX_LISTED = 1000
 _KEY_ADMINS = frozenset({Role.SECURITY_OFFICER})
 _KEY_READERS = frozenset({Role.SECURITY_OFFICER, Role.AUDITOR, Role.OFFICIAL})
-E = TypeVar("E", bound=StrEnum)
 
 
 class StoredProposalView(Protocol):
@@ -608,8 +606,8 @@ class AccessService:
         limit: object = 100,
     ) -> list[tuple[StoredProposalView, Tally]]:
         """Newest first. Officials, officers and auditors see all; others only their own."""
-        parsed_kind = None if kind is None else _parse(ProposalKind, kind, "kind")
-        parsed_state = None if state is None else _parse(ProposalState, state, "state")
+        parsed_kind = None if kind is None else parse_choice(ProposalKind, kind, "kind")
+        parsed_state = None if state is None else parse_choice(ProposalState, state, "state")
         try:
             count = int(str(limit))
         except ValueError:
@@ -764,14 +762,6 @@ class AccessService:
             "restore_policy": self.config.matrix.to_json(),
             "approvals_required": self.config.approvals_required,
         }
-
-
-def _parse(kind: type[E], value: object, what: str) -> E:
-    try:
-        return kind(str(value))
-    except ValueError:
-        allowed = ", ".join(m.value for m in kind)
-        raise InvalidRequestError(f"unknown {what} {value!r}; expected one of: {allowed}") from None
 
 
 def _only(payload: Mapping[str, Any], allowed: set[str]) -> None:

@@ -73,7 +73,7 @@ class RestoreMatrix:
         always = dict(DEFAULT_MATRIX.always)
         emergency = dict(DEFAULT_MATRIX.emergency)
         for name, entry in table.items():
-            classification = _enum(Classification, name, "classification")
+            classification = parse_choice(Classification, name, "classification")
             if not isinstance(entry, dict) or not set(entry) <= {"always", "emergency"}:
                 raise InvalidRequestError(
                     f"restore_policy.{name} must be a table with 'always' and/or 'emergency'"
@@ -101,7 +101,8 @@ class RestoreMatrix:
         }
 
 
-def _enum(kind: type[E], value: object, what: str) -> E:
+def parse_choice(kind: type[E], value: object, what: str) -> E:
+    """A configuration or query value as one of ``kind``'s members, or a message naming them."""
     try:
         return kind(str(value))
     except ValueError:
@@ -112,7 +113,7 @@ def _enum(kind: type[E], value: object, what: str) -> E:
 def _kinds(values: object, where: str) -> frozenset[SiteKind]:
     if not isinstance(values, list):
         raise InvalidRequestError(f"{where} must be a list of site kinds")
-    return frozenset(_enum(SiteKind, v, "site kind") for v in values)
+    return frozenset(parse_choice(SiteKind, v, "site kind") for v in values)
 
 
 _H, _E, _P = SiteKind.HOME, SiteKind.EMBASSY, SiteKind.PUBLIC_CLOUD
