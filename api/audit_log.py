@@ -17,11 +17,13 @@ import asyncio
 import logging
 import random
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from kms import jose
+from kms.audit import time_us
 from kms.audit_export import TreeHead, build_export, sign_tree_head
 from kms.errors import ConflictError, EkmsError, InvalidRequestError, NotFoundError, StorageError
 from kms.keys import SYSTEM_KEY_PREFIX, Classification, KeyPolicy, KeyType, VersionState
@@ -37,6 +39,67 @@ log = logging.getLogger("ekms.audit")
 
 AUDIT_SIGNING_KEY = SYSTEM_KEY_PREFIX + "audit-signing"
 HEAD_ALG = "ES256"
+# A search reads at most this many leaf indexes, then answers with what it found and ``next``.
+SEARCH_SCAN_LIMIT = 10_000
+# Usage reads every record of its window; a window holding more is refused (400), not cut short.
+USAGE_SCAN_LIMIT = 1_000_000
+# How far records' times may run out of log order: a record's time is taken when its request
+# ends, and workers and nodes commit in batches, with clocks of their own. Time windows are
+# located by a binary search over the leaf index widened by this much, then checked exactly.
+TIME_SKEW = 300.0
+_CHUNK = 2_000
+
+
+class Decision(StrEnum):
+    ALLOW = "allow"
+    DENY = "deny"
+    ERROR = "error"
+
+
+class Bucket(StrEnum):
+    HOUR = "hour"
+    DAY = "day"
+
+    @property
+    def seconds(self) -> int:
+        return 3600 if self is Bucket.HOUR else 86_400
+
+
+@dataclass(frozen=True)
+class RecordQuery:
+    """One page of ``GET /v1/ekms/audit/records``, checked by the route.
+
+    ``after`` pages forward (ascending, what ``ekms audit tail -f`` polls with); ``before``, or
+    neither, pages back from the newest. ``operation`` ending in ``*`` is a prefix. Filters
+    are ANDed; ``since`` is inclusive and ``until`` exclusive, in seconds since the epoch.
+    """
+
+    after: int | None = None
+    before: int | None = None
+    limit: int = 100
+    principal: str | None = None
+    operation: str | None = None
+    decision: Decision | None = None
+    key: str | None = None
+    request_id: str | None = None
+    since: float | None = None
+    until: float | None = None
+
+    def matches(self, record: dict[str, Any]) -> bool:
+        if not _in_window(record, self.since, self.until):
+            return False
+        decision = None if self.decision is None else self.decision.value
+        exact = (("principal", self.principal), ("key", self.key), ("decision", decision))
+        if any(wanted is not None and record.get(name) != wanted for name, wanted in exact):
+            return False
+        if self.operation is None:
+            return True
+        operation = record.get("operation")
+        if not isinstance(operation, str):
+            return False
+        if self.operation.endswith("*"):
+            return operation.startswith(self.operation[:-1])
+        return operation == self.operation
 
 
 @dataclass(frozen=True)
@@ -153,6 +216,109 @@ class AuditLog:
             )
         raise InvalidRequestError(f"there is no signed tree head of size {size}")
 
+    # --- search and usage -----------------------------------------------------------------
+
+    def search(self, query: RecordQuery) -> dict[str, Any]:
+        """A page of records, filtered in Python over a bounded scan of the leaf index.
+
+        The stored record is canonical JSON with no index on its fields, and this adds no
+        migration: the scan walks the primary key in ``_CHUNK`` steps, reads at most
+        ``SEARCH_SCAN_LIMIT`` indexes, and stops early once ``limit`` records matched.
+        ``since``/``until`` first narrow the range by a binary search on the index (records'
+        times rise with it, to within ``TIME_SKEW``), then are checked on each row;
+        ``request_id`` is checked in SQL on its column. ``next`` is where to continue (pass it
+        as ``after`` or ``before``), also when the scan ran out before the page filled; it is
+        None when the scan reached the end in its direction (the oldest record, or the tree
+        size read at the start). Every returned record is below ``size``.
+        """
+        size, _ = self._store.tree_state()
+        low, high = self._window(size, query.since, query.until)
+        ascending = query.after is not None
+        if query.after is not None:
+            low = max(low, query.after + 1)
+        if query.before is not None:
+            high = min(high, query.before)
+        position = low if ascending else high  # ascending: next to read; else: one past it
+        found: list[dict[str, Any]] = []
+        budget = SEARCH_SCAN_LIMIT
+        while len(found) < query.limit and budget > 0 and low < high:
+            width = min(_CHUNK, budget)
+            start, end = (
+                (position, min(high, position + width))
+                if ascending
+                else (max(low, position - width), position)
+            )
+            if start >= end:
+                break
+            budget -= end - start
+            since, until = _rough(query.since, query.until)
+            rows = self._store.audit_rows(
+                start, end, since=since, until=until, request_id=query.request_id
+            )
+            position = end if ascending else start
+            for index, _time, data, leaf in rows if ascending else reversed(rows):
+                record = _decoded(index, data)
+                if not query.matches(record):
+                    continue
+                found.append({"index": index, "leaf_hash": leaf.hex(), "record": record})
+                if len(found) == query.limit:
+                    position = index + 1 if ascending else index
+                    break
+        if ascending:
+            more = position < high
+            next_index = position - 1 if more else None
+        else:
+            more = position > low
+            next_index = position if more else None
+        return {"records": found, "size": size, "next": next_index}
+
+    def usage(
+        self, *, bucket: Bucket, since: float, until: float, key: str | None
+    ) -> dict[str, Any]:
+        """Key operations (records naming a key) per bucket: allowed and denied counts.
+
+        Records that ended in an error (bad input, sealed) are not counted. Buckets are
+        aligned to UTC hours or days; only non-empty ones are listed, oldest first.
+        """
+        size, _ = self._store.tree_state()
+        low, high = self._window(size, since, until)
+        if high - low > USAGE_SCAN_LIMIT:
+            raise InvalidRequestError(
+                f"the window holds about {high - low} audit records, more than the "
+                f"{USAGE_SCAN_LIMIT} one request may read: narrow since/until"
+            )
+        width = bucket.seconds
+        rough_since, rough_until = _rough(since, until)
+        counts: dict[str, dict[int, list[int]]] = {}
+        for start in range(low, high, _CHUNK * 10):
+            end = min(high, start + _CHUNK * 10)
+            for index, _time, data, _leaf in self._store.audit_rows(
+                start, end, since=rough_since, until=rough_until
+            ):
+                record = _decoded(index, data)
+                name = record.get("key")
+                decision = record.get("decision")
+                if not isinstance(name, str) or (key is not None and name != key):
+                    continue
+                if decision not in (Decision.ALLOW, Decision.DENY):
+                    continue
+                if not _in_window(record, since, until):
+                    continue
+                slot = record["time_us"] // 1_000_000 // width * width
+                point = counts.setdefault(name, {}).setdefault(slot, [0, 0])
+                point[0 if decision == Decision.ALLOW else 1] += 1
+        series = [
+            {"key": name, "points": [[slot, *counts[name][slot]] for slot in sorted(counts[name])]}
+            for name in sorted(counts)
+        ]
+        return {"bucket": width, "since": since, "until": until, "series": series}
+
+    def _window(self, size: int, since: float | None, until: float | None) -> tuple[int, int]:
+        """Leaf indexes ``[low, high)`` that can hold records of ``[since, until)``."""
+        low = 0 if since is None else self._store.audit_index_at(since - TIME_SKEW, size)
+        high = size if until is None else self._store.audit_index_at(until + TIME_SKEW, size)
+        return low, max(low, high)
+
     # --- exports and proofs ---------------------------------------------------------------
 
     def export(self) -> Export:
@@ -223,6 +389,41 @@ class AuditLog:
             "second": head_json(new, new_jws),
             "proof": [node.hex() for node in proof],
         }
+
+
+def _rough(since: float | None, until: float | None) -> tuple[float | None, float | None]:
+    """The window for SQL on the float ``time`` column, a millisecond wider on each side.
+
+    The record's ``time_us`` (what it commits to) is checked exactly by ``_in_window``.
+    """
+    return (
+        None if since is None else since - 0.001,
+        None if until is None else until + 0.001,
+    )
+
+
+def _in_window(record: dict[str, Any], since: float | None, until: float | None) -> bool:
+    """``since <= time < until`` on the record's integer microseconds."""
+    moment = record.get("time_us")
+    if not isinstance(moment, int):
+        return since is None and until is None
+    if since is not None and moment < time_us(since):
+        return False
+    return until is None or moment < time_us(until)
+
+
+def _decoded(index: int, data: str) -> dict[str, Any]:
+    """A stored record; one that is not a JSON object was changed outside the service."""
+    try:
+        record = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        record = None
+    if not isinstance(record, dict):
+        raise StorageError(
+            f"audit record {index} is not a JSON object: it was changed outside the service "
+            "(export the log and verify it)"
+        )
+    return record
 
 
 def _latest_jwk(policy: KeyPolicy) -> jose.PublicJwk:

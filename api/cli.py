@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import collections
 import contextlib
 import dataclasses
 import getpass
@@ -19,7 +20,9 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,7 +31,7 @@ from typing import IO, TYPE_CHECKING, Any, NoReturn
 from kms.errors import EkmsError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
     from kms.audit_export import VerifyReport
 
@@ -141,6 +144,7 @@ class Client:
     def __init__(self, address: str, token: str | None) -> None:
         self.address = address.rstrip("/")
         self.token = token
+        self.last_request_id: str | None = None  # the last answer's X-Request-Id (audit record)
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
@@ -150,10 +154,13 @@ class Client:
         request.add_header("Content-Type", "application/json")
         if self.token:
             request.add_header("X-Vault-Token", self.token)
+        self.last_request_id = None
         try:
             with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310
+                self.last_request_id = response.headers.get("X-Request-Id")
                 raw = response.read()
         except urllib.error.HTTPError as exc:
+            self.last_request_id = exc.headers.get("X-Request-Id")
             raise _http_error(exc) from None
         except urllib.error.URLError as exc:
             raise CliError(f"cannot reach {self.address}: {exc.reason}") from None
@@ -230,12 +237,57 @@ def cmd_operator_unseal(args: argparse.Namespace) -> int:
         result = client.call("PUT", "sys/unseal", {"reset": True})
         _print(args, result, _status_text(result))
         return 0
+    if bool(args.official) != bool(args.official_key):
+        fail("--official ID and --key FILE go together: the official signs for the share")
     share = _read_share(args, "Unseal share (will be hidden): ")
     if share is None:
         fail("no share given: pass it as an argument, with --file, or run in a terminal")
-    result = client.call("PUT", "sys/unseal", {"key": share})
+    if not args.official:
+        result = client.call("PUT", "sys/unseal", {"key": share})
+    else:
+        signed = _unseal_signer(args, share)
+        try:
+            result = client.call("PUT", "sys/unseal", signed(client))
+        except CliError as exc:
+            if "sign again" not in str(exc):
+                raise
+            # Another official's share started or ended the attempt since the nonce was read.
+            result = client.call("PUT", "sys/unseal", signed(client))
     _print(args, result, _status_text(result))
     return 0
+
+
+def _unseal_signer(args: argparse.Namespace, share: str) -> Callable[[Client], dict[str, str]]:
+    """The unseal body with "official ID presents this share to the current attempt", signed.
+
+    See kms.unseal_assertion.
+
+    The attempt's nonce is read just before each signature; the share's member id comes from
+    its public header. Imported here: the rest of the CLI needs only the standard library.
+    """
+    from api.principal_keys import KeyHolder
+    from kms.unseal_assertion import share_member
+
+    audience = args.audience or os.environ.get("EKMS_AUDIENCE")
+    if not audience:
+        fail(
+            "--official needs the service's audience: --audience AUD or EKMS_AUDIENCE "
+            "(embassy-kms/<site name> unless configured otherwise)"
+        )
+    try:
+        holder = KeyHolder.load(args.official, args.official_key)
+    except OSError as exc:
+        fail(f"cannot read key file {args.official_key}: {exc.strerror or exc}")
+    except ValueError as exc:
+        fail(f"--key {args.official_key}: {exc}")
+    member = share_member(share)
+
+    def signed(client: Client) -> dict[str, str]:
+        nonce = client.call("GET", "sys/seal-status").get("nonce") or ""
+        assertion = holder.unseal_assertion(audience, nonce=nonce, member=member)
+        return {"key": share, "official_assertion": assertion}
+
+    return signed
 
 
 def _read_share(args: argparse.Namespace, prompt: str) -> str | None:
@@ -569,6 +621,129 @@ def _utc(timestamp_ms: int) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{timestamp_ms % 1000:03d}Z"
 
 
+# --- audit (online): tail and hash ------------------------------------------------------
+
+TAIL_PAGE = 1000  # the service's largest page
+TAIL_BACK_PAGES = 50  # pages read back for -n with a rare filter: each scans at most 10,000
+AUDIT_HASH_LIMIT = 65536  # bytes, as the service hashes at most
+
+
+def cmd_audit_tail(args: argparse.Namespace) -> int:
+    """The newest records, oldest first; with ``-f``, then every new one as it is written.
+
+    Following polls ``after=`` the last index seen; when a page comes back with no ``next``,
+    every record below the reported ``size`` was read (matching or not), so polling goes on
+    from ``size - 1``. The records of its own polls are not printed, or following would echo
+    itself forever. Ctrl-C ends it (exit status 130, from ``main``).
+    """
+    if args.lines < 0:
+        fail("-n must be 0 or more")
+    if args.interval <= 0:
+        fail("--interval must be more than 0 seconds")
+    client = _client(args)
+    filters = {
+        name: value
+        for name, value in (
+            ("principal", args.principal),
+            ("operation", args.operation),
+            ("decision", args.decision),
+            ("key", args.key),
+        )
+        if value
+    }
+    own: collections.deque[str] = collections.deque(maxlen=64)  # our requests' ids
+    try:
+        newest, cursor = _tail_newest(client, filters, args.lines, own)
+        for item in reversed(newest):
+            _tail_print(args, item)
+        while args.follow:
+            page = _records(client, {**filters, "after": cursor, "limit": TAIL_PAGE}, own)
+            for item in page["records"]:
+                if item["record"].get("request_id") not in own:
+                    _tail_print(args, item)
+            if page["next"] is not None:
+                cursor = page["next"]
+                continue
+            cursor = max(cursor, page["size"] - 1)
+            time.sleep(args.interval)
+    except BrokenPipeError:  # `ekms audit tail -f | head`: the reader has gone, so stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+def _records(client: Client, query: dict[str, Any], own: collections.deque[str]) -> dict[str, Any]:
+    result = client.call("GET", f"ekms/audit/records?{urllib.parse.urlencode(query)}")
+    request_id = getattr(client, "last_request_id", None)
+    if request_id:
+        own.append(request_id)
+    return dict(result["data"])
+
+
+def _tail_newest(
+    client: Client, filters: dict[str, Any], count: int, own: collections.deque[str]
+) -> tuple[list[dict[str, Any]], int]:
+    """Up to ``count`` newest matching records (newest first), and where following starts."""
+    page = _records(client, {**filters, "limit": max(1, min(count, TAIL_PAGE))}, own)
+    cursor = page["size"] - 1
+    found = page["records"][:count]
+    pages = 1
+    while len(found) < count and page["next"] is not None and pages < TAIL_BACK_PAGES:
+        pages += 1
+        limit = min(count - len(found), TAIL_PAGE)
+        page = _records(client, {**filters, "before": page["next"], "limit": limit}, own)
+        found.extend(page["records"])
+    return found, cursor
+
+
+def _tail_print(args: argparse.Namespace, item: dict[str, Any]) -> None:
+    if args.format == "json":
+        print(json.dumps(item, separators=(",", ":")), flush=True)
+        return
+    record = item["record"]
+    time_us = record.get("time_us")
+    when = _utc(time_us // 1000) if isinstance(time_us, int) else "-"
+    outcome = f"{record.get('decision', '-')}/{record.get('status', '-')}"
+    fields = [
+        when,
+        f"#{item['index']}",
+        record.get("principal") or "-",
+        record.get("operation") or "-",
+        record.get("key") or "-",
+        outcome,
+    ]
+    if record.get("reason"):
+        fields.append(str(record["reason"]))
+    print("  ".join(str(f) for f in fields), flush=True)
+
+
+def cmd_audit_hash(args: argparse.Namespace) -> int:
+    """The keyed hash records hold for a value (``sys/audit-hash``), to compare with a record.
+
+    The value is a secret: read from stdin (``-``) or a prompt without echo, it never has to
+    be on the command line.
+    """
+    value = _audit_hash_input(args)
+    body = {"input": value, "format": "base64" if args.base64 else "text"}
+    result = _client(args).call("POST", f"sys/audit-hash/{args.device}", body)
+    _print(args, result, result["hash"])
+    return 0
+
+
+def _audit_hash_input(args: argparse.Namespace) -> str:
+    if args.input == "-":
+        value = sys.stdin.read(AUDIT_HASH_LIMIT * 2)  # room for base64; the service checks
+        value = value.removesuffix("\n").removesuffix("\r")  # the line end is not the value's
+    elif args.input is not None:
+        value = args.input
+    elif sys.stdin.isatty():
+        value = getpass.getpass("Value to hash (will be hidden): ")
+    else:
+        fail("no INPUT: give it, '-' to read it from standard input, or run in a terminal")
+    if not value:
+        fail("the value to hash is empty")
+    return value
+
+
 # --- parser -------------------------------------------------------------------------------
 
 
@@ -611,6 +786,23 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement 
         "-file", "--file", help="read the share from a file ('-': one line from stdin)"
     )
     unseal.add_argument("-reset", "--reset", action="store_true", help="discard unseal progress")
+    unseal.add_argument(
+        "-official",
+        "--official",
+        metavar="ID",
+        help="name yourself in the audit record: sign for the share as this official",
+    )
+    unseal.add_argument(
+        "--key",
+        dest="official_key",
+        metavar="FILE",
+        help="with --official: your private key, a private JWK as JSON (or a PEM)",
+    )
+    unseal.add_argument(
+        "-audience",
+        "--audience",
+        help="with --official: the service's audience (or EKMS_AUDIENCE)",
+    )
     unseal.set_defaults(func=cmd_operator_unseal)
     seal = operator.add_parser("seal", help="seal the node")
     seal.set_defaults(func=cmd_operator_seal)
@@ -678,7 +870,7 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement 
     datakey.set_defaults(func=cmd_datakey)
 
     audit = sub.add_parser(
-        "audit", help="fetch an audit export, and verify one offline"
+        "audit", help="fetch, verify, follow and search the audit log"
     ).add_subparsers(dest="action", required=True)
     export = audit.add_parser(
         "export",
@@ -713,6 +905,53 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement 
     )
     verify.add_argument("-json", "--json", action="store_true", help="print the report as JSON")
     verify.set_defaults(func=cmd_audit_verify)
+    tail = audit.add_parser(
+        "tail",
+        help="print the newest audit records; -f follows new ones (security officers, auditors)",
+        description="One line per record: time (UTC), index, principal, operation, key, "
+        "decision/status, reason. With -format json, one JSON object per line.",
+    )
+    tail.add_argument("-n", "--lines", type=int, default=10, metavar="N", help="default 10")
+    tail.add_argument("-f", "--follow", action="store_true", help="keep printing new records")
+    tail.add_argument(
+        "--interval", type=float, default=2.0, metavar="S", help="seconds between polls"
+    )
+    tail.add_argument("--principal", metavar="P", help="only this principal")
+    tail.add_argument("--operation", metavar="OP", help="only this operation (transit.* : prefix)")
+    tail.add_argument("--decision", choices=("allow", "deny", "error"), help="only this decision")
+    tail.add_argument("--key", metavar="K", help="only records naming this key")
+    client_options(tail)
+    tail.set_defaults(func=cmd_audit_tail)
+    audit_hash = audit.add_parser(
+        "hash",
+        help="the keyed hash records hold for a value you know (sys/audit-hash)",
+        description="Print the hash the audit log holds in place of a sensitive value, such as "
+        "an encryption context, so it can be compared with a record's field. Needs the service "
+        "unsealed, and a security officer's, auditor's or root token.",
+    )
+    audit_hash.add_argument(
+        "input",
+        nargs="?",
+        metavar="INPUT",
+        help="the value ('-': read standard input; omitted: prompt without echo)",
+    )
+    audit_hash.add_argument(
+        "--base64", action="store_true", help="INPUT is base64: hash the bytes it decodes to"
+    )
+    audit_hash.add_argument(
+        "--device", default="ekms", help="audit device name in the URL (any; default ekms)"
+    )
+    client_options(audit_hash)
+    audit_hash.set_defaults(func=cmd_audit_hash)
+    from api.cli_review import add_review_commands  # imports this module: import it here
+
+    add_review_commands(sub, client_options)
+    from api.backup.cli import add_backup_commands  # ekms backup seal, ekms restore
+
+    add_backup_commands(sub, client_options)
+    from ceremonies.cli import register_commands  # ekms ceremony run|check|list|render|submit
+
+    register_commands(sub, client_options)
     return parser
 
 

@@ -1,16 +1,24 @@
-"""``/v1/sys``: health, init, seal status, unseal, seal, generate-root — in Vault's shapes."""
+"""``/v1/sys``: health, init, seal status, unseal, seal, generate-root, audit-hash, as Vault.
+
+Unseal takes no token, as in Vault; an official may add a signed statement naming itself as the
+one presenting the share (``kms.unseal_assertion``), and the audit record then names it.
+"""
 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
 from api.http import Body, Call, Handler, envelope, json_response, parse_model
-from kms.errors import InvalidRequestError, NotInitializedError
+from api.routes_audit import require_auditor
+from kms import jose
+from kms.errors import ConflictError, EkmsError, InvalidRequestError, NotInitializedError
+from kms.keys import decode_b64_field
+from kms.unseal_assertion import claimed_official, share_member, verify_unseal_assertion
 
 if TYPE_CHECKING:
     from api.runtime import SealControl
@@ -18,6 +26,8 @@ if TYPE_CHECKING:
     from kms.seal import SealStatus
 
 VERSION = "0.1.0"
+AUDIT_HASH_INPUT_LIMIT = 65536  # bytes: far more than a context holds; the body limit is larger
+_DEVICE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 
 class InitRequest(Body):
@@ -35,6 +45,12 @@ class UnsealRequest(Body):
     key: str | None = None
     reset: bool = False
     migrate: bool = False
+    official_assertion: str | None = None  # ours, optional: Vault's clients never send it
+
+
+class AuditHashRequest(Body):
+    input: str
+    format: Literal["text", "base64"] = "text"
 
 
 class GenerateRootStartRequest(Body):
@@ -150,7 +166,12 @@ def build_router(handler: Handler, seal: SealControl) -> APIRouter:  # noqa: C90
             if body.stored_shares:
                 raise InvalidRequestError("stored_shares is not supported: no share is stored")
             result = runtime.initialise(body.secret_threshold, body.secret_shares)
-            call.details = {"threshold": body.secret_threshold, "shares": body.secret_shares}
+            # The root token's id is the principal its requests are recorded under.
+            call.details = {
+                "threshold": body.secret_threshold,
+                "shares": body.secret_shares,
+                "root_token_id": result.root_token.token_id,
+            }
             return 200, {
                 "keys": result.mnemonics,
                 "keys_base64": result.mnemonics,
@@ -160,6 +181,48 @@ def build_router(handler: Handler, seal: SealControl) -> APIRouter:  # noqa: C90
         return await handler.run(
             request, "sys.init", work, key_operation=False, authenticated=False
         )
+
+    def presenter(call: Call, share: str, assertion: str) -> str:
+        """The official who signed for this share; refused (and not counted) unless valid.
+
+        The one-time id is spent here, before the share counts: the audit commit comes after
+        the share is in the custodian's memory, too late to undo it. The nonce is read just
+        before; a share another official sends in between is caught by neither side, and
+        costs only that a "new attempt" statement joins the attempt that share began.
+        """
+        if len(assertion) > jose.MAX_TOKEN_LENGTH:
+            raise InvalidRequestError(
+                f"official_assertion is longer than {jose.MAX_TOKEN_LENGTH} characters; "
+                "the share was not counted"
+            )
+        member = share_member(share)
+        call.details = {"member": member}
+        status = seal.status()
+        if not status.initialized:
+            raise NotInitializedError
+        if not status.sealed:
+            raise ConflictError("Vault is already unsealed")
+        try:
+            verified = verify_unseal_assertion(
+                assertion,
+                registry=runtime.store,
+                audience=runtime.access.config.audience,
+                now=runtime.clock.now(),
+                member=member,
+                nonce=status.nonce,
+            )
+        except EkmsError:
+            claimed = claimed_official(assertion)
+            if claimed is not None:
+                call.details["claimed_official"] = claimed
+            raise
+        if not runtime.store.spend_once(*verified.once):
+            call.details["claimed_official"] = verified.official
+            raise InvalidRequestError(
+                "official_assertion was already used: a statement presents one share, once; "
+                "sign a new one. The share was not counted"
+            )
+        return verified.official
 
     @router.api_route("/unseal", methods=["PUT", "POST"])
     async def unseal(request: Request) -> Response:
@@ -175,12 +238,19 @@ def build_router(handler: Handler, seal: SealControl) -> APIRouter:  # noqa: C90
             else:
                 if len(body.key) > 1024:
                     raise InvalidRequestError("share is too long to be a SLIP-39 mnemonic")
+                official = None
+                if body.official_assertion is not None:
+                    official = presenter(call, body.key, body.official_assertion)
+                    call.principal = official
+                    call.details["official"] = official
                 status = seal.submit(body.key)
                 call.details = {
                     "member": status.member,
                     "progress": status.progress,
                     "unsealed": not status.sealed,
                 }
+                if official is not None:
+                    call.details["official"] = official
             if not status.initialized:
                 raise NotInitializedError
             return 200, seal_status_body(status, storage)
@@ -191,13 +261,55 @@ def build_router(handler: Handler, seal: SealControl) -> APIRouter:  # noqa: C90
 
     @router.api_route("/seal", methods=["PUT", "POST"])
     async def seal_now(request: Request) -> Response:
-        def work(_call: Call, _data: dict[str, Any]) -> tuple[int, Any]:
+        def work(call: Call, _data: dict[str, Any]) -> tuple[int, Any]:
             # The last head the keys can sign before they go; sealing goes on if it fails.
             runtime.audit_log.sign_quietly("before sealing")
             seal.seal()
+            # The record's principal is who sealed (the token's); the head is the last signed.
+            try:
+                head = runtime.store.tree_head()
+            except EkmsError:
+                head = None  # the node is sealed all the same; the record says what is known
+            call.details = {"last_head_size": None if head is None else head[0].size}
             return 204, None
 
         return await handler.run(request, "sys.seal", work, key_operation=False, root_only=True)
+
+    @router.api_route("/audit-hash/{device}", methods=["POST", "PUT"])
+    async def audit_hash(request: Request, device: str) -> Response:
+        """Vault's audit-hash: the keyed hash records hold in place of a context.
+
+        There is one audit device, the integrated log, and no ``sys/audit`` listing: any
+        device name (a path segment) is accepted and recorded. The input is a secret: neither
+        it nor its hash goes into the record, a log or an error message.
+        """
+
+        def work(call: Call, data: dict[str, Any]) -> tuple[int, Any]:
+            require_auditor(call.caller)
+            if not 0 < len(device) <= 64 or not set(device) <= _DEVICE_CHARS:
+                raise InvalidRequestError(
+                    "the audit device name must be 1 to 64 letters, digits, '.', '_' or '-'"
+                )
+            call.details = {"device": device}
+            body = parse_model(AuditHashRequest, data)
+            call.details["format"] = body.format
+            if body.format == "base64":
+                value = decode_b64_field(body.input, "input", allow_empty=False)
+            else:
+                value = body.input.encode()
+            if not value:
+                raise InvalidRequestError(
+                    "input must not be empty: no record hashes an empty value"
+                )
+            if len(value) > AUDIT_HASH_INPUT_LIMIT:
+                raise InvalidRequestError(
+                    f"input is longer than {AUDIT_HASH_INPUT_LIMIT} bytes, the most this "
+                    "endpoint hashes"
+                )
+            digest = runtime.barrier.audit_hash(value)
+            return 200, {**envelope(call, {"hash": digest}), "hash": digest}
+
+        return await handler.run(request, "sys.audit-hash", work, root_only=False)
 
     # Generate-root takes no token, as in Vault: a quorum of shares is the authority. OpenBao
     # 2.6+ moved it to sys/generate-root-token/* (which its CLI calls, answers in the usual

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from kms.service import KeyService
 
 
-DECRYPT = Operation.DECRYPT
+DECRYPT, DATAKEY, SIGN = Operation.DECRYPT, Operation.DATAKEY, Operation.SIGN
 
 
 class CreateKeyRequest(Body):
@@ -278,7 +278,7 @@ class TransitRoutes:
         async def read_key(request: Request, name: str) -> Response:
             def work(call: Call, _data: dict[str, Any]) -> tuple[int, Any]:
                 call.key = name
-                access.authorise_key_admin(call.caller, change=False)
+                access.authorise_key_read(call.caller, name)
                 return 200, envelope(call, key_json(keys.policy(name)))
 
             return await run(request, "transit.key.read", work, root_only=False, body=False)
@@ -417,6 +417,7 @@ class TransitRoutes:
                 body = parse_model(DatakeyRequest, data)
                 _reject_unsupported(body.nonce)
                 policy = keys.policy(name)
+                call.admit(access.authorise_key_use(call.caller, operation=DATAKEY, policy=policy))
                 plaintext, ciphertext, version = keys.datakey(
                     policy, self._context(call, body.context), body.bits
                 )
@@ -428,13 +429,15 @@ class TransitRoutes:
                 wipe(plaintext)
                 return 200, envelope(call, result)
 
-            return await run(request, "transit.datakey", work)
+            # Root, or a backup writer (checked in work).
+            return await run(request, "transit.datakey", work, root_only=False)
 
         async def sign_route(request: Request, name: str, algorithm: str | None) -> Response:
             def work(call: Call, data: dict[str, Any]) -> tuple[int, Any]:
                 call.key = name
                 options = _sign_options(data, algorithm)
                 policy = keys.policy(name)
+                call.admit(access.authorise_key_use(call.caller, operation=SIGN, policy=policy))
                 version = options.pop("key_version")
 
                 def one(raw: Any) -> dict[str, Any]:
@@ -446,7 +449,8 @@ class TransitRoutes:
 
                 return self._batch(call, _strip(data, _SIGN_OPTIONS), {"input"}, one)
 
-            return await run(request, "transit.sign", work)
+            # Root, or a backup writer with a manifest key (checked in work).
+            return await run(request, "transit.sign", work, root_only=False)
 
         async def verify_route(request: Request, name: str, algorithm: str | None) -> Response:
             def work(call: Call, data: dict[str, Any]) -> tuple[int, Any]:

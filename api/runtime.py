@@ -19,6 +19,7 @@ from hsm.softhsm import TransportPinProvisioner, create_token, find_module, writ
 from kms.access import AccessConfig, AccessService
 from kms.policy import Site, SiteKind
 from kms.ports import SystemClock, SystemRandom
+from kms.review_service import ReviewService
 from kms.seal import Barrier, Custodian, InitResult, SealStatus, initialise
 from kms.service import KeyService
 from storage.sql_store import SqlStore
@@ -51,6 +52,7 @@ class Runtime:
     barrier: Barrier
     keys: KeyService
     access: AccessService
+    review: ReviewService
     audit: AuditWriter
     audit_log: AuditLog
     provisioner: TransportPinProvisioner
@@ -158,6 +160,7 @@ def create_runtime(
         barrier=barrier,
         keys=keys,
         access=access,
+        review=ReviewService(store=store, clock=clock),
         audit=AuditWriter(store),
         audit_log=AuditLog(keys=keys, store=store, barrier=barrier, clock=clock),
         provisioner=provisioner,

@@ -1148,10 +1148,13 @@ def markdown_report(info: RunInfo, rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: Path, info: RunInfo, rows: Sequence[Row]) -> None:
+def write_json(
+    path: Path, info: RunInfo, rows: Sequence[Row], backup: dict[str, Any] | None = None
+) -> None:
     """Raw figures for anyone who wants to compare runs; bench/results/ is git-ignored."""
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
+        "backup": backup,
         "info": asdict(info),
         "rows": [
             {
@@ -1199,6 +1202,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--check", action="store_true", help="exit 2 if any Embassy KMS row fails a target"
+    )
+    parser.add_argument(
+        "--backup",
+        choices=("full", "quick", "skip"),
+        default="full",
+        help="bench/backup.py after the transit runs: 1 GiB and 20,000 files, or --quick's",
     )
     # Debug: use an already running Vault-compatible server as the "ekms" target.
     parser.add_argument("--ekms-url", help=argparse.SUPPRESS)
@@ -1351,6 +1360,23 @@ def warn_if_busy(meter: CpuMeter) -> float:
     return share
 
 
+def run_backup(mode: str) -> tuple[str, dict[str, Any] | None]:
+    """Seal and restore throughput (bench/backup.py), once the transit servers are stopped."""
+    if mode == "skip":
+        return "", None
+    import backup
+
+    print(f"\nmeasuring backup seal and restore ({mode})", flush=True)
+    try:
+        found = backup.run(quick=mode == "quick")
+    except Exception as exc:
+        print(f"bench: the backup measurement failed: {exc}", file=sys.stderr)
+        return f"\n## Backup seal and restore\n\nNot measured: {exc}\n", None
+    section = backup.markdown(found)
+    print(section)
+    return "\n" + section, {"verdict": found.verdict, **found.figures}
+
+
 def raise_on_signal(signum: int, _frame: FrameType | None) -> None:
     """Turn SIGTERM/SIGHUP into SystemExit so `finally` blocks stop the servers."""
     raise SystemExit(128 + signum)
@@ -1372,9 +1398,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     judge(rows)
     print()
     print(text_table(rows))
+    backup_section, backup_figures = run_backup(args.backup)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(markdown_report(info, rows))
-    write_json(args.json, info, rows)
+    args.out.write_text(markdown_report(info, rows) + backup_section)
+    write_json(args.json, info, rows, backup_figures)
     print(f"\nwrote {args.out} and {args.json}")
     failed = [r for r in rows if not r.is_peer and r.verdict == "FAIL"]
     return 2 if args.check and failed else 0

@@ -32,9 +32,24 @@ from kms.errors import (
     NotFoundError,
     PermissionDeniedError,
 )
-from kms.identity import QUORUM_ROLES, Principal, Role, parse_roles, validate_principal_id
+from kms.identity import (
+    MACHINE_ROLES,
+    QUORUM_ROLES,
+    Principal,
+    Role,
+    parse_roles,
+    validate_principal_id,
+)
 from kms.keys import SYSTEM_KEY_PREFIX, Classification, KeyPolicy, KeyType
-from kms.policy import Operation, RestoreMatrix, Site, check_scoped_use, parse_choice
+from kms.policy import (
+    Operation,
+    RestoreMatrix,
+    Site,
+    check_scoped_use,
+    check_writer_use,
+    is_manifest_key,
+    parse_choice,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -263,9 +278,9 @@ class AccessService:
             audience=self.config.audience,
             now=now,
         )
-        tool = Role.RESTORE_TOOL in principal.roles
-        ttl = self.config.tool_token_ttl if tool else self.config.token_ttl
-        issued = self._mint(principal, roles=principal.roles, ttl=ttl, bind=tool)
+        machine = bool(principal.roles & MACHINE_ROLES)
+        ttl = self.config.tool_token_ttl if machine else self.config.token_ttl
+        issued = self._mint(principal, roles=principal.roles, ttl=ttl, bind=machine)
         keep_until = claims.expires_at + 60
         return Issued(
             issued.token,
@@ -336,7 +351,8 @@ class AccessService:
     def authorise_key_use(
         self, identity: Identity, *, operation: Operation, policy: KeyPolicy, items: int = 1
     ) -> Admission | None:
-        """Root may do anything; a restore credential may decrypt within its grant.
+        """Root may do anything; a restore credential may decrypt within its grant; a backup
+        writer may make new data keys and sign manifests (``check_writer_use``), nothing else.
 
         ``items`` is how many data keys the request unwraps: a grant's ``max_uses`` counts
         unwraps, not requests, so a batch cannot stretch it. A grant without ``max_uses`` is
@@ -345,6 +361,11 @@ class AccessService:
         starts, as for any token (ADR 0007).
         """
         if identity.root:
+            return None
+        if identity.has(Role.BACKUP_WRITER):
+            verdict = check_writer_use(operation, policy)
+            if not verdict:
+                raise PermissionDeniedError(getattr(verdict, "reason", "denied"))
             return None
         claims = identity.claims
         if claims is None or claims.scope is None or not identity.has(Role.RESTORE_TOOL):
@@ -364,6 +385,19 @@ class AccessService:
         if claims.scope.max_uses is None:
             return None
         return Admission(use_of=claims.scope.request_id, uses=items)
+
+    def authorise_key_read(self, identity: Identity, name: str) -> None:
+        """Reviewers read every key; backup writers and restore tools read manifest keys only.
+
+        A manifest key's description carries its public keys, which the restore tool needs to
+        verify a manifest offline; the name is checked before any lookup, so a machine learns
+        nothing about other keys, not even whether they exist.
+        """
+        if identity.roles & MACHINE_ROLES and not identity.root:
+            if not is_manifest_key(name):
+                raise PermissionDeniedError("machines read only manifest signing keys")
+            return
+        self.authorise_key_admin(identity, change=False)
 
     def authorise_key_admin(self, identity: Identity, *, change: bool) -> None:
         """Key lifecycle without the root token: officers manage keys, reviewers read them.

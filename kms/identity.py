@@ -23,10 +23,14 @@ class Role(StrEnum):
     RESTORE_TOOL = "restore-tool"
     SECURITY_OFFICER = "security-officer"
     AUDITOR = "auditor"
+    BACKUP_WRITER = "backup-writer"
 
 
 # Managing these roles needs a quorum of officials; the rest are managed by security officers.
 QUORUM_ROLES = frozenset({Role.OFFICIAL})
+# Machine identities: each takes no other role, and its tokens are bound to its key (DPoP), so a
+# token copied off the machine is worth nothing without the key.
+MACHINE_ROLES = frozenset({Role.RESTORE_TOOL, Role.BACKUP_WRITER})
 
 _ID_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
@@ -52,6 +56,8 @@ def parse_roles(values: Iterable[object]) -> frozenset[Role]:
         raise InvalidRequestError("a principal needs at least one role")
     if Role.RESTORE_TOOL in roles and len(roles) > 1:
         raise InvalidRequestError("a restore tool is a machine identity: it takes no other role")
+    if Role.BACKUP_WRITER in roles and len(roles) > 1:
+        raise InvalidRequestError("a backup writer is a machine identity: it takes no other role")
     return frozenset(roles)
 
 

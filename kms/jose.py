@@ -37,6 +37,9 @@ if TYPE_CHECKING:
 ALLOWED_ALGS = frozenset({"ES256", "EdDSA"})
 MAX_TOKEN_LENGTH = 8192
 DPOP_TYPE = "dpop+jwt"
+# An official's signed statement that it presents one unseal share (``sys/unseal``); a login
+# refuses it, and unseal takes nothing else, so neither passes for the other.
+UNSEAL_ASSERTION_TYPE = "ekms-unseal+jwt"
 
 _MAX_ID_LENGTH = 128
 _MAX_TIME = 2**40  # JSON numbers beyond this are not times (and cannot overflow a float)
@@ -47,7 +50,7 @@ _TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
 _REFUSED_HEADERS = ("crit", "jku", "x5u", "x5c")
 _PRIVATE_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "k", "oth")
 _OPTIONAL_MEMBERS = frozenset({"kid", "alg", "use"})
-_NOT_ASSERTION_TYPES = frozenset({DPOP_TYPE, "at+jwt"})
+_NOT_ASSERTION_TYPES = frozenset({DPOP_TYPE, "at+jwt", UNSEAL_ASSERTION_TYPE})
 _ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
 
 # RFC 7638 section 3.2: the required members of each key type, in lexicographic order.
@@ -344,7 +347,7 @@ def verify_client_assertion(
         jws = parse_jws(token)
         _check_assertion_type(jws.header)
         verify_jws(jws, key)
-        return _assertion_claims(
+        return assertion_claims(
             jws.claims,
             principal_id=principal_id,
             audience=audience,
@@ -364,7 +367,7 @@ def _check_assertion_type(header: Mapping[str, Any]) -> None:
             raise AuthenticationError("typ not allowed")
 
 
-def _assertion_claims(
+def assertion_claims(
     claims: Mapping[str, Any],
     *,
     principal_id: str,
@@ -373,6 +376,7 @@ def _assertion_claims(
     max_lifetime: float,
     leeway: float,
 ) -> AssertionClaims:
+    """The claims of a verified assertion: issuer, audience, a short life, and a ``jti``."""
     if claims.get("iss") != principal_id:
         raise AuthenticationError("iss mismatch")
     if claims.get("sub") != principal_id:

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from kms.credentials import AccessClaims
+    from kms.keys import KeyPolicy
 
 
 @dataclass(frozen=True)
@@ -44,9 +45,21 @@ class SiteKind(StrEnum):
 
 
 class Operation(StrEnum):
-    """What a scoped credential may name. Restore credentials carry only ``decrypt``."""
+    """Key uses a non-root caller may be allowed. Restore credentials carry only ``decrypt``."""
 
     DECRYPT = "decrypt"
+    DATAKEY = "datakey"
+    SIGN = "sign"
+
+
+# Backup manifests are signed only with keys whose name starts so (``backup-manifest``,
+# ``backup-manifest-2026``): a naming rule rather than configuration, so the restore tool, which
+# has no access to the service's configuration, can refuse a manifest signed by any other key.
+MANIFEST_KEY_PREFIX = "backup-manifest"
+
+
+def is_manifest_key(name: str) -> bool:
+    return name.startswith(MANIFEST_KEY_PREFIX)
 
 
 @dataclass(frozen=True)
@@ -167,3 +180,21 @@ def check_scoped_use(
     if scope.site != site.name:
         return Deny(f"credential is for site {scope.site!r}, this is {site.name!r}")
     return matrix.decide(classification, site.kind, emergency=emergency)
+
+
+def check_writer_use(operation: Operation, policy: KeyPolicy) -> Decision:
+    """What a backup writer may do: new data keys under a dataset key, and sign manifests.
+
+    Never decrypt, rewrap or anything else that reads an existing ciphertext: the writer makes
+    backups and can never read them back. A data key answer carries the new key's plaintext,
+    which the writer needs to encrypt; it reveals nothing already stored.
+    """
+    if operation is Operation.DATAKEY:
+        if not policy.key_type.is_symmetric:
+            return Deny(f"{policy.name!r} is not a dataset key")
+        return ALLOW
+    if operation is Operation.SIGN:
+        if not is_manifest_key(policy.name):
+            return Deny(f"a backup writer signs only with {MANIFEST_KEY_PREFIX}* keys")
+        return ALLOW
+    return Deny(f"a backup writer may not {operation.value}")

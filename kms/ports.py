@@ -11,11 +11,15 @@ import time
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Iterable, Iterator, Sequence
+    from typing import Any
 
+    from kms.access import StoredProposalView
     from kms.audit import Admission, AuditRecord, Refusal
     from kms.custody import ShareSetDescriptor
+    from kms.identity import Principal
     from kms.keys import KeyPolicy, KeyType, KeyVersion
+    from kms.review import Campaign
 
 
 class Clock(Protocol):
@@ -161,5 +165,57 @@ class AuditSink(Protocol):
 
         Returns, per entry, ``None`` if admitted or the ``Refusal``; a refused entry's record
         is stored as a denial with that reason. Raises on failure (the caller fails closed).
+        """
+        ...
+
+
+class ReviewStore(Protocol):
+    """What access reviews read and write (``storage.sql_store.SqlStore``).
+
+    The ``each_*`` readers yield rows in pages, so a report over a long audit log never holds
+    the stored rows and their decoded form at once. Campaigns carry a version: a write names
+    the version it read and is refused (``False``) if another writer got there first.
+    """
+
+    def principal(self, principal_id: str) -> Principal | None: ...
+
+    def list_principals(self) -> list[Principal]: ...
+
+    def list_names(self) -> list[str]: ...
+
+    def each_issued_token(self) -> Iterator[dict[str, Any]]: ...
+
+    def all_proposals(self) -> Sequence[StoredProposalView]: ...
+
+    def each_audit_record(self) -> Iterator[dict[str, Any]]:
+        """Every audit record as stored (``time_us``), in log order."""
+        ...
+
+    def insert_campaign(self, campaign: Campaign) -> None:
+        """Store a new campaign at version 1; ``ConflictError`` if the id is taken."""
+        ...
+
+    def campaign(self, campaign_id: str) -> tuple[Campaign, int] | None:
+        """The campaign and its version."""
+        ...
+
+    def list_campaigns(
+        self, *, state: str | None = None, limit: int = 100
+    ) -> list[tuple[Campaign, int]]:
+        """Newest first."""
+        ...
+
+    def update_campaign(self, campaign: Campaign, *, version: int) -> bool:
+        """Store ``campaign`` if it is still at ``version``; False if someone changed it."""
+        ...
+
+    def close_campaign(
+        self, campaign: Campaign, *, version: int, disable: Sequence[str], at: float
+    ) -> bool:
+        """In one transaction: store the closed campaign if still at ``version``, disable each
+        principal in ``disable`` and revoke every token issued to them.
+
+        Raises ``LastOfficerError`` (and changes nothing) if no active security officer would
+        remain; returns False (changing nothing) if the campaign moved on.
         """
         ...

@@ -193,3 +193,16 @@ emergencies = Table(
     Column("ended_at", Float, nullable=True),
     Column("ended_by", String(64), nullable=True),
 )
+
+# Access review campaigns (migration 0006): ``body`` is ``kms.review.Campaign.to_json()``; state
+# and opened_at are copies for listing. ``version`` rises with every change and each update is
+# conditional on the version read, so concurrent decisions are re-applied, never lost.
+review_campaigns = Table(
+    "review_campaigns",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("state", String(16), nullable=False),
+    Column("opened_at", Float, nullable=False, index=True),
+    Column("version", Integer, nullable=False),
+    Column("body", Text, nullable=False),
+)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import orjson
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, delete, event, insert, select, text, update
+from sqlalchemy import Engine, create_engine, delete, event, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from kms.approvals import Approval, Proposal, ProposalKind, ProposalState, Verdict
@@ -32,6 +32,8 @@ from kms.errors import ConflictError, InvalidRequestError, StorageError
 from kms.identity import Principal, Role
 from kms.keys import Classification, KeyPolicy, KeyType, KeyVersion, Residency, VersionState
 from kms.merkle import HASH_SIZE, CompactRange, leaf_hash
+from kms.review import Campaign
+from kms.review_service import LastOfficerError
 from storage.schema import (
     approvals,
     audit_heads,
@@ -43,6 +45,7 @@ from storage.schema import (
     meta,
     principals,
     proposals,
+    review_campaigns,
     tokens,
     transit_keys,
 )
@@ -745,6 +748,157 @@ class SqlStore:
             ).rowcount
         return int(count)
 
+    # --- access reviews (kms.review_service.ReviewStore) ------------------------------------
+
+    def each_issued_token(self, page: int = 2000) -> Iterator[dict[str, Any]]:
+        """Every issued token, a page per read, so no connection is held while a report runs."""
+        after = ""
+        while True:
+            with self._reading() as conn:
+                rows = conn.execute(
+                    select(issued_tokens)
+                    .where(issued_tokens.c.jti > after)
+                    .order_by(issued_tokens.c.jti)
+                    .limit(page)
+                ).all()
+            yield from (_issued(r) for r in rows)
+            if len(rows) < page:
+                return
+            after = rows[-1].jti
+
+    def all_proposals(self) -> list[StoredProposal]:
+        """Every proposal with its approvals, newest first (two reads, no list of ids)."""
+        with self._reading() as conn:
+            rows = conn.execute(
+                select(proposals).order_by(proposals.c.created_at.desc(), proposals.c.id)
+            ).all()
+            votes = conn.execute(select(approvals).order_by(approvals.c.signed_at)).all()
+        by_id: dict[str, list[Any]] = {}
+        for vote in votes:
+            by_id.setdefault(vote.proposal_id, []).append(vote)
+        return [_stored_proposal(r, by_id.get(r.id, [])) for r in rows]
+
+    def each_audit_record(self, page: int = 5000) -> Iterator[dict[str, Any]]:
+        """Every audit record as stored, in log order, a page per read.
+
+        A row that is not valid JSON is yielded as ``{}``: the report counts it as skipped
+        rather than failing or quietly leaving it out.
+        """
+        start = 0
+        while True:
+            with self._reading() as conn:
+                rows = conn.execute(
+                    select(audit_log.c.seq, audit_log.c.record)
+                    .where(audit_log.c.seq >= start)
+                    .order_by(audit_log.c.seq)
+                    .limit(page)
+                ).all()
+            for _, record in rows:
+                try:
+                    yield orjson.loads(record)
+                except orjson.JSONDecodeError:
+                    yield {}
+            if len(rows) < page:
+                return
+            start = int(rows[-1][0]) + 1
+
+    def insert_campaign(self, campaign: Campaign) -> None:
+        try:
+            with self._engine.begin() as conn:
+                conn.execute(
+                    insert(review_campaigns).values(
+                        id=campaign.id,
+                        state=campaign.state.value,
+                        opened_at=campaign.opened_at,
+                        version=1,
+                        body=_campaign_body(campaign),
+                    )
+                )
+        except IntegrityError:
+            raise ConflictError(f"review campaign {campaign.id!r} exists") from None
+        except SQLAlchemyError as exc:
+            raise StorageError("metadata store unavailable") from exc
+
+    def campaign(self, campaign_id: str) -> tuple[Campaign, int] | None:
+        """The campaign and its version."""
+        with self._reading() as conn:
+            row = conn.execute(
+                select(review_campaigns.c.body, review_campaigns.c.version).where(
+                    review_campaigns.c.id == campaign_id
+                )
+            ).first()
+        return None if row is None else (_campaign(row.body), int(row.version))
+
+    def list_campaigns(
+        self, *, state: str | None = None, limit: int = 100
+    ) -> list[tuple[Campaign, int]]:
+        """Newest first."""
+        query = select(review_campaigns.c.body, review_campaigns.c.version).order_by(
+            review_campaigns.c.opened_at.desc(), review_campaigns.c.id
+        )
+        if state is not None:
+            query = query.where(review_campaigns.c.state == state)
+        with self._reading() as conn:
+            rows = conn.execute(query.limit(limit)).all()
+        return [(_campaign(row.body), int(row.version)) for row in rows]
+
+    def update_campaign(self, campaign: Campaign, *, version: int) -> bool:
+        """Compare-and-set on the version: False if another writer stored a change first."""
+        try:
+            with self._engine.begin() as conn:
+                count = conn.execute(_campaign_update(campaign, version)).rowcount
+        except SQLAlchemyError as exc:
+            raise StorageError("metadata store unavailable") from exc
+        return bool(count)
+
+    def close_campaign(
+        self, campaign: Campaign, *, version: int, disable: Sequence[str], at: float
+    ) -> bool:
+        """Store the closed campaign, disable ``disable`` and revoke their tokens: all or none.
+
+        The registry generation is bumped first: its row lock makes closings (and every other
+        registry change) take turns, so the count of remaining security officers taken at the
+        end sees every other closing that committed before. ``tokens_valid_after`` is set past
+        ``at`` so that no token issued before the suspension works if the principal is enabled
+        again.
+        """
+        try:
+            with self._engine.connect() as conn, conn.begin() as transaction:
+                self._bump(conn)
+                if not conn.execute(_campaign_update(campaign, version)).rowcount:
+                    transaction.rollback()
+                    return False
+                if disable:
+                    conn.execute(
+                        update(principals)
+                        .where(principals.c.id.in_(disable), principals.c.disabled_at.is_(None))
+                        .values(disabled_at=at, tokens_valid_after=at + 1)
+                    )
+                    conn.execute(
+                        update(issued_tokens)
+                        .where(
+                            issued_tokens.c.principal.in_(disable),
+                            issued_tokens.c.revoked_at.is_(None),
+                        )
+                        .values(revoked_at=at)
+                    )
+                    officers = conn.execute(
+                        select(func.count())
+                        .select_from(principals)
+                        .where(
+                            principals.c.disabled_at.is_(None),
+                            principals.c.roles.contains(
+                                orjson.dumps(Role.SECURITY_OFFICER.value).decode(),
+                                autoescape=True,
+                            ),
+                        )
+                    ).scalar_one()
+                    if not officers:
+                        raise LastOfficerError
+        except SQLAlchemyError as exc:
+            raise StorageError("metadata store unavailable") from exc
+        return True
+
     @contextlib.contextmanager
     def _reading(self) -> Iterator[Any]:
         try:
@@ -950,6 +1104,70 @@ class SqlStore:
             row = conn.execute(query).first()
         return None if row is None else _tree_head(row)
 
+    # --- audit search, usage and immediate one-time ids (api.audit_log, api.routes_sys) ---
+
+    def audit_rows(
+        self,
+        start: int,
+        end: int,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        request_id: str | None = None,
+    ) -> list[tuple[int, float, str, bytes]]:
+        """(leaf index, time, stored record, stored leaf hash) for indexes ``[start, end)``.
+
+        A range of the primary key, so its cost is bounded by ``end - start``; the optional
+        filters use the row's own columns (no index on them: they only thin that range).
+        """
+        query = select(
+            audit_log.c.seq, audit_log.c.time, audit_log.c.record, audit_log.c.leaf_hash
+        ).where(audit_log.c.seq >= start, audit_log.c.seq < end)
+        if since is not None:
+            query = query.where(audit_log.c.time >= since)
+        if until is not None:
+            query = query.where(audit_log.c.time < until)
+        if request_id is not None:
+            query = query.where(audit_log.c.request_id == request_id)
+        with self._reading() as conn:
+            rows = conn.execute(query.order_by(audit_log.c.seq)).all()
+        return [(int(seq), float(at), record, bytes(leaf)) for seq, at, record, leaf in rows]
+
+    def audit_index_at(self, moment: float, size: int) -> int:
+        """The first leaf index below ``size`` whose record's time is ``moment`` or later.
+
+        A binary search over the primary key (about 2 log2(size) point reads), which assumes
+        times rise with the index; callers widen ``moment`` by how far out of order records
+        may be. ``size`` if every record is earlier.
+        """
+        probe = text("SELECT seq, time FROM audit_log WHERE seq >= :s ORDER BY seq LIMIT 1")
+        low, high = 0, size
+        with self._reading() as conn:
+            while low < high:
+                middle = (low + high) // 2
+                row = conn.execute(probe, {"s": middle}).first()
+                if row is None or int(row[0]) >= high:
+                    high = middle
+                elif float(row[1]) < moment:
+                    low = int(row[0]) + 1
+                else:
+                    high = middle
+        return low
+
+    def spend_once(self, id_hash: bytes, keep_until: float) -> bool:
+        """Consume a one-time id now, in a transaction of its own; False if it was spent.
+
+        For a check that must hold before an effect that the audit commit cannot undo: an
+        unseal share is counted in memory before its record is written.
+        """
+        statement = text("INSERT INTO once_ids (id) VALUES (:id) ON CONFLICT DO NOTHING")
+        try:
+            with self._engine.begin() as conn:
+                inserted = conn.execute(statement, {"id": once_key(id_hash, keep_until)}).rowcount
+        except SQLAlchemyError as exc:
+            raise StorageError("metadata store unavailable") from exc
+        return inserted == 1
+
 
 def _compact_range(size: int, tree_bytes: bytes) -> CompactRange:
     """The stored range: its subtree roots, 32 bytes each, largest subtree first."""
@@ -966,6 +1184,25 @@ def _tree_head(row: Any) -> tuple[TreeHead, str]:
     except (ValueError, InvalidRequestError) as exc:
         raise StorageError(f"the stored tree head of size {row.size} is corrupt") from exc
     return head, str(row.jws)
+
+
+def _campaign_body(campaign: Campaign) -> str:
+    return orjson.dumps(campaign.to_json(), option=orjson.OPT_SORT_KEYS).decode()
+
+
+def _campaign(body: str) -> Campaign:
+    try:
+        return Campaign.from_json(orjson.loads(body))
+    except (orjson.JSONDecodeError, InvalidRequestError) as exc:
+        raise StorageError("a stored review campaign is corrupt") from exc
+
+
+def _campaign_update(campaign: Campaign, version: int) -> Any:
+    return (
+        update(review_campaigns)
+        .where(review_campaigns.c.id == campaign.id, review_campaigns.c.version == version)
+        .values(state=campaign.state.value, version=version + 1, body=_campaign_body(campaign))
+    )
 
 
 def _cached(entries: dict[K, V], key: K, load: Callable[[K], V | None]) -> V | None:

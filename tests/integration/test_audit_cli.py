@@ -1,22 +1,31 @@
-"""``ekms audit verify`` as an auditor runs it: the installed console script, offline.
+"""``ekms audit verify``, ``tail`` and ``hash`` as auditors and officers run them.
 
-Each test builds a genuine export with ``kms.audit_export.build_export`` (signed with a key made
-here), changes what an attacker would change, and checks the exit status and what is printed.
-The client address points at a closed port, so a command that tried the network would fail.
+``verify`` runs offline: each test builds a genuine export with ``kms.audit_export.build_export``
+(signed with a key made here), changes what an attacker would change, and checks the exit
+status and what is printed. Its client address points at a closed port, so a command that tried
+the network would fail. ``tail`` and ``hash`` talk to a real server (SoftHSM, SQLite).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
+import queue
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import hvac
 import pytest
+import requests
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
@@ -27,6 +36,8 @@ from kms.merkle import MerkleTree, leaf_hash
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+
+    from tests.conftest import ServerThread
 
 KEY = ec.generate_private_key(ec.SECP256R1())
 OTHER_KEY = ec.generate_private_key(ec.SECP256R1())
@@ -326,3 +337,164 @@ def test_unreadable_option_file(files: dict[str, Path], tmp_path: Path) -> None:
         result.stderr
         == f"Error: cannot read --trusted-key file {missing}: No such file or directory\n"
     )
+
+
+# --- tail and hash, against a live server -------------------------------------------------------
+
+TAIL_LINE = re.compile(
+    r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z  #(\d+)  (\S+)  (\S+)  (\S+)  (\w+)/(\d+)(  .+)?"
+)
+
+
+@pytest.fixture
+def live(server: ServerThread) -> tuple[ServerThread, dict[str, str]]:
+    """An unsealed server with a key and some use of it; the env a root-token client needs."""
+    vault = hvac.Client(url=server.url)
+    result = vault.sys.initialize(secret_shares=3, secret_threshold=2)
+    for share in result["keys"][:2]:
+        vault.sys.submit_unseal_key(share)
+    vault.token = result["root_token"]
+    vault.write("transit/keys/laws")
+    for context in (b"ctx-a", b"ctx-b"):
+        vault.write(
+            "transit/encrypt/laws",
+            plaintext=base64.b64encode(b"x").decode(),
+            context=base64.b64encode(context).decode(),
+        )
+    vault.adapter.close()
+    env = {**os.environ, "EKMS_ADDR": server.url, "EKMS_TOKEN": result["root_token"]}
+    env.pop("VAULT_TOKEN", None)
+    return server, env
+
+
+def client(
+    env: dict[str, str], *args: str, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [EKMS, *args],
+        input=stdin,
+        stdin=None if stdin is not None else subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert "Traceback" not in result.stdout + result.stderr, result.stderr
+    return result
+
+
+def test_tail_prints_the_newest_records(live: tuple[ServerThread, dict[str, str]]) -> None:
+    server, env = live
+    stored = server.runtime.store.audit_records(limit=100_000)
+    result = client(env, "audit", "tail", "-n", "3")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    matches = [TAIL_LINE.fullmatch(line) for line in lines]
+    assert all(matches), lines
+    indexes = [int(m.group(1)) for m in matches if m]
+    assert indexes == [len(stored) - 3, len(stored) - 2, len(stored) - 1]
+
+    denied = requests.get(
+        f"{server.url}/v1/ekms/audit/records", headers={"X-Vault-Token": "ekms.wrong"}, timeout=30
+    )
+    assert denied.status_code == 403
+    deny = client(env, "audit", "tail", "-n", "1", "--decision", "deny")
+    assert deny.stdout.rstrip().endswith("audit.records  -  deny/403  unknown or revoked token")
+
+    encrypts = client(
+        env,
+        "audit",
+        "tail",
+        "-n",
+        "5",
+        "--operation",
+        "transit.*",
+        "--key",
+        "laws",
+        "-format",
+        "json",
+    )
+    items = [json.loads(line) for line in encrypts.stdout.splitlines()]
+    assert [i["record"]["operation"] for i in items] == [
+        "transit.key.create",
+        "transit.encrypt",
+        "transit.encrypt",
+    ]
+    assert [i["index"] for i in items] == sorted(i["index"] for i in items)
+
+    bad = client(env, "audit", "tail", "--operation", "tr*nsit")
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("Error: 400: operation may hold '*' only at its end")
+
+
+def test_tail_follows_until_interrupted(live: tuple[ServerThread, dict[str, str]]) -> None:
+    server, env = live
+    command = [EKMS, "audit", "tail", "-f", "-n", "0", "--interval", "0.1"]
+    lines: queue.Queue[str] = queue.Queue()
+    with subprocess.Popen(
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    ) as process:
+        out, err = process.stdout, process.stderr
+        assert out is not None
+        assert err is not None
+        reader = threading.Thread(
+            target=lambda: [lines.put(line) for line in iter(out.readline, "")], daemon=True
+        )
+        reader.start()
+        try:
+            seen = None
+            deadline = time.monotonic() + 20
+            while seen is None and time.monotonic() < deadline:
+                requests.post(
+                    f"{server.url}/v1/transit/keys/laws/rotate",
+                    headers={"X-Vault-Token": env["EKMS_TOKEN"]},
+                    timeout=30,
+                ).raise_for_status()
+                with contextlib.suppress(queue.Empty):
+                    seen = lines.get(timeout=0.5)
+        finally:
+            process.send_signal(signal.SIGINT)
+            code = process.wait(timeout=20)
+            reader.join(timeout=5)
+        stderr = err.read()
+    assert seen is not None, "tail -f printed nothing"
+    match = TAIL_LINE.fullmatch(seen.rstrip("\n"))
+    assert match is not None, seen
+    # The first line is the rotation: the records of tail's own polls are not printed.
+    assert match.group(3, 4, 5) == ("transit.key.rotate", "laws", "allow")
+    assert code == 130
+    assert "Traceback" not in stderr
+    assert stderr == ""
+
+
+def test_hash_matches_the_record(live: tuple[ServerThread, dict[str, str]]) -> None:
+    server, env = live
+    records = server.runtime.store.audit_records(limit=100_000)
+    contexts = [r["details"]["contexts"][0] for r in records if r["operation"] == "transit.encrypt"]
+    piped = client(env, "audit", "hash", "-", stdin="ctx-a\n")
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout.strip() == contexts[0]
+    argument = client(env, "audit", "hash", "ctx-b")
+    assert argument.stdout.strip() == contexts[1]
+    encoded = client(env, "audit", "hash", "--base64", base64.b64encode(b"ctx-b").decode())
+    assert encoded.stdout.strip() == contexts[1]
+    as_json = client(env, "audit", "hash", "ctx-a", "-format", "json")
+    assert json.loads(as_json.stdout)["data"]["hash"] == contexts[0]
+
+    nothing = client(env, "audit", "hash")
+    assert nothing.returncode == 2
+    assert nothing.stderr.startswith("Error: no INPUT: give it, '-' to read it from standard input")
+    empty = client(env, "audit", "hash", "-", stdin="\n")
+    assert empty.returncode == 2
+    assert empty.stderr == "Error: the value to hash is empty\n"
+    client(env, "operator", "seal")
+    sealed = client(env, "audit", "hash", "ctx-a")
+    assert sealed.returncode == 2
+    assert sealed.stderr == "Error: 503: Vault is sealed\n"
+    assert "ctx-a" not in repr(server.runtime.store.audit_records(limit=100_000))

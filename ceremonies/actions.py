@@ -1,0 +1,791 @@
+"""The service actions a ceremony step may name, one small function each.
+
+Adding an action::
+
+    @action("share.check", "prove a share belongs to the current set", member=(str,))
+    def check_share(ctx: StepContext) -> str:
+        official = ctx.performers()[0]
+        answer = ctx.call("POST", "sys/shares/check", {...}, token=ctx.token(official))
+        ctx.event("share-checked", official.principal, member=answer["member"])
+        return "the share belongs to the current set"   # the step's summary
+
+The function gets a ``StepContext``: the step and its parameters (checked against the types
+declared in ``@action``), the participants, the terminal, and the service. It returns the
+step's one-line summary, or raises ``StepFailedError`` (or lets a ``ServiceError`` through)
+to fail the step; the runner then offers retry, a deviation (if the script allows), or abort.
+
+Rules every action keeps:
+
+- **Safe to run again.** The runner may be killed at any moment and the step resumed. Before a
+  change, record an event (``ctx.event``: written and fsync'd to the journal at once) naming
+  what is about to happen; on resume, ``ctx.earlier`` holds the events of the interrupted
+  attempt, and the action compares them with the service's state before changing anything.
+- **No secrets in events.** Never a share, token, OTP or private key: share member ids, the
+  service's answers, and request ids only. Shares are read with ``ctx.term.secret`` and dropped
+  after one request.
+- **The service decides.** An action never works around a refusal; it records it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ceremonies.script import ActionInfo, CeremonyRole, RoleRequirement, Script, Step
+from ceremonies.service import Service, ServiceError
+from ceremonies.state import utc_text
+from kms.errors import InvalidRequestError
+from kms.jose import parse_public_jwk
+from kms.tokens import decode_with_otp
+from kms.unseal_assertion import share_member
+
+if TYPE_CHECKING:
+    from api.principal_keys import KeyHolder
+    from ceremonies.terminal import Terminal
+
+MAX_SHARE_ATTEMPTS = 3
+ROOT_LOST = (
+    "the root token exists only in the runner's memory and is never written down; it was lost "
+    "when the runner stopped"
+)
+
+
+class StepFailedError(Exception):
+    """The step did not do what the script says; the message is for the transcript."""
+
+
+@dataclass
+class Participant:
+    principal: str
+    role: CeremonyRole
+    holder: KeyHolder
+    key_file: str
+    service_roles: list[str] | None = None
+    token: str | None = field(default=None, repr=False)
+
+    @property
+    def thumbprint(self) -> str:
+        return parse_public_jwk(self.holder.jwk).thumbprint
+
+    def journal_json(self) -> dict[str, Any]:
+        return {
+            "principal": self.principal,
+            "role": self.role.value,
+            "thumbprint": self.thumbprint,
+            "jwk": dict(self.holder.jwk),
+            "key_file": self.key_file,
+        }
+
+
+@dataclass
+class Session:
+    """What lives only in the runner's memory for one run: never journaled, never printed."""
+
+    info: dict[str, Any]
+    root_token: str | None = field(default=None, repr=False)
+    root_token_id: str | None = None
+
+    @property
+    def audience(self) -> str:
+        return str(self.info["audience"])
+
+
+@dataclass
+class StepContext:
+    step: Step
+    script: Script
+    service: Service
+    term: Terminal
+    participants: list[Participant]
+    session: Session
+    earlier: list[dict[str, Any]]
+    journal: Callable[[dict[str, Any]], None]
+    clock: Callable[[], float] = time.time
+
+    @property
+    def params(self) -> Mapping[str, Any]:
+        return self.step.params
+
+    def with_role(self, role: CeremonyRole) -> list[Participant]:
+        return [p for p in self.participants if p.role is role]
+
+    def performers(self) -> list[Participant]:
+        return self.with_role(self.step.by)
+
+    def officials(self) -> list[Participant]:
+        return self.with_role(CeremonyRole.OFFICIALS)
+
+    def administrator(self) -> Participant:
+        return self.with_role(CeremonyRole.ADMINISTRATOR)[0]
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None, **kw: Any) -> Any:
+        return self.service.call(method, path, body, **kw)
+
+    def event(self, what: str, principal: str | None = None, **fields: Any) -> None:
+        """Journal what just happened (fsync'd before the runner goes on)."""
+        entry: dict[str, Any] = {"type": "event", "step": self.step.number, "what": what}
+        entry["at"] = utc_text(self.clock())
+        if principal is not None:
+            entry["principal"] = principal
+        entry.update({k: v for k, v in fields.items() if v is not None})
+        self.journal(entry)
+
+    def earlier_events(self, what: str) -> list[dict[str, Any]]:
+        return [e for e in self.earlier if e.get("what") == what]
+
+    def token(self, participant: Participant) -> str:
+        """The participant's access token, logging in with their key if there is none yet."""
+        if participant.token is None:
+            login(self.service, participant, self.session.audience)
+        assert participant.token is not None
+        return participant.token
+
+
+Run = Callable[[StepContext], str]
+
+
+@dataclass(frozen=True)
+class Action:
+    name: str
+    run: Run
+    info: ActionInfo
+
+
+REGISTRY: dict[str, Action] = {}
+
+
+def action(name: str, summary: str, **params: tuple[type, ...]) -> Callable[[Run], Run]:
+    """Register ``run`` under ``name``; ``params`` are the script parameters and their types."""
+
+    def register(run: Run) -> Run:
+        REGISTRY[name] = Action(name, run, ActionInfo(params, summary))
+        return run
+
+    return register
+
+
+def known_actions() -> dict[str, ActionInfo]:
+    return {name: a.info for name, a in REGISTRY.items()}
+
+
+# --- identities ------------------------------------------------------------------------------
+
+
+def login(service: Service, participant: Participant, audience: str) -> list[str]:
+    """Log in with the participant's key; the answer lists the roles the service gives them."""
+    answer = service.call("POST", "auth/jwt/login", {"jwt": participant.holder.assertion(audience)})
+    auth = answer["auth"]
+    participant.token = str(auth["client_token"])
+    participant.service_roles = sorted(str(r) for r in auth.get("policies") or [])
+    return participant.service_roles
+
+
+def role_problem(participant: Participant, requirement: RoleRequirement | None) -> str | None:
+    wanted = requirement.service_roles if requirement is not None else frozenset()
+    if not wanted or wanted & set(participant.service_roles or []):
+        return None
+    held = ", ".join(participant.service_roles or []) or "no role"
+    return (
+        f"{participant.principal} ({participant.role.value}) needs the service role "
+        f"{' or '.join(sorted(wanted))}, and has {held}"
+    )
+
+
+def verify_identities(
+    service: Service, script: Script, participants: list[Participant], audience: str
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Log every participant in and compare their roles with the script's; nothing is changed."""
+    checked: list[dict[str, Any]] = []
+    problems: list[str] = []
+    for participant in participants:
+        try:
+            roles = login(service, participant, audience)
+        except ServiceError as exc:
+            problems.append(
+                f"{participant.principal} could not log in with the key presented ({exc}): "
+                "not a registered principal, disabled, or another key"
+            )
+            checked.append(
+                {
+                    "principal": participant.principal,
+                    "login": "refused",
+                    "request_id": exc.request_id,
+                }
+            )
+            continue
+        checked.append(
+            {
+                "principal": participant.principal,
+                "service_roles": roles,
+                "request_id": service.last_request_id(),
+            }
+        )
+        problem = role_problem(participant, script.role(participant.role))
+        if problem is not None:
+            problems.append(problem)
+    return checked, problems
+
+
+@action("participants.verify", "log each participant in with their key and check their roles")
+def verify_participants(ctx: StepContext) -> str:
+    checked, problems = verify_identities(
+        ctx.service, ctx.script, ctx.participants, ctx.session.audience
+    )
+    for item in checked:
+        ctx.event("identity-checked", **item)
+    if problems:
+        raise StepFailedError("; ".join(problems))
+    return f"{len(checked)} participants logged in with their keys and hold the roles needed"
+
+
+# --- shares ----------------------------------------------------------------------------------
+
+
+def member_of(share: str) -> str | None:
+    """The share's "group.member", from its public header; None if it does not parse."""
+    try:
+        return share_member(share)
+    except InvalidRequestError:
+        return None
+
+
+@dataclass
+class ShareRound:
+    """Officials give shares in turn until ``done``; a rejected share is recorded, not fatal."""
+
+    ctx: StepContext
+    purpose: str
+    submit: Callable[[Participant, str], dict[str, Any]]
+    progress: Callable[[], tuple[int, int]]  # (accepted so far, needed)
+    done: Callable[[dict[str, Any]], bool]
+
+    def run(self, already: set[str]) -> dict[str, Any]:
+        ctx = self.ctx
+        on_wrong = str(ctx.params.get("on_wrong_share", "retry"))
+        attempts = int(ctx.params.get("attempts", MAX_SHARE_ATTEMPTS))
+        queue = [p for p in ctx.officials() if p.principal not in already]
+        while queue:
+            official = queue.pop(0)
+            tries = 0
+            while True:
+                answer, rejected = self.one(official)
+                if answer is not None:
+                    if self.done(answer):
+                        return answer
+                    already.add(official.principal)
+                    break
+                if rejected is None:  # the official passed
+                    break
+                if on_wrong == "stop":
+                    raise StepFailedError(f"{official.principal}'s share was rejected: {rejected}")
+                if already and self.progress()[0] == 0:
+                    ctx.term.say(
+                        "The service reset the progress: those who gave a share give it again."
+                    )
+                    ctx.event("progress-reset", reason=rejected)
+                    queue = [p for p in ctx.officials() if p.principal in already] + queue
+                    already.clear()
+                tries += 1
+                if tries >= attempts:
+                    ctx.term.say(f"{official.principal} has had {attempts} tries; moving on.")
+                    break
+        accepted, needed = self.progress()
+        raise StepFailedError(
+            f"quorum not reached for {self.purpose}: {accepted} of {needed} shares accepted "
+            "and no official present has a share left to give"
+        )
+
+    def one(self, official: Participant) -> tuple[dict[str, Any] | None, str | None]:
+        """One share typed (hidden) and submitted: (answer, None), (None, why), or (None, None)."""
+        ctx = self.ctx
+        share = ctx.term.secret(
+            f"{official.principal}: type your share for {self.purpose} "
+            "(hidden; press Enter to pass): "
+        )
+        if not share:
+            ctx.event("share-passed", official.principal)
+            return None, None
+        member = member_of(share)
+        try:
+            answer = self.submit(official, share)
+        except ServiceError as exc:
+            if exc.status is None or exc.status >= 500:
+                raise
+            ctx.term.say(f"Share rejected: {exc}")
+            ctx.event(
+                "share-rejected",
+                official.principal,
+                member=member,
+                error=str(exc),
+                request_id=exc.request_id,
+            )
+            return None, str(exc)
+        finally:
+            del share
+        request_id = ctx.service.last_request_id()
+        accepted, needed = self.progress_of(answer)
+        ctx.event(
+            "share-accepted",
+            official.principal,
+            member=answer.get("member") or member,
+            progress=f"{accepted}/{needed}",
+            request_id=request_id,
+        )
+        ctx.term.say(f"Share accepted ({official.principal}, member {member}).")
+        return answer, None
+
+    def progress_of(self, answer: dict[str, Any]) -> tuple[int, int]:
+        if self.done(answer):
+            _, needed = self.progress()
+            return needed, needed
+        return self.progress()
+
+
+def _unseal_progress(ctx: StepContext) -> tuple[int, int]:
+    status = ctx.call("GET", "sys/seal-status")
+    return int(status.get("progress") or 0), int(status.get("t") or 0)
+
+
+def _submit_unseal(ctx: StepContext, official: Participant, share: str) -> dict[str, Any]:
+    """One share; signed for by the official (``kms.unseal_assertion``) unless the script says
+    not to (at init, before the officials are registered). The audit record then names them.
+    """
+    member = member_of(share)
+    if not ctx.params.get("signed", True) or member is None:
+        return dict(ctx.call("PUT", "sys/unseal", {"key": share}))
+    for attempt in (1, 2):
+        nonce = str(ctx.call("GET", "sys/seal-status").get("nonce") or "")
+        assertion = official.holder.unseal_assertion(
+            ctx.session.audience, nonce=nonce, member=member
+        )
+        try:
+            return dict(
+                ctx.call("PUT", "sys/unseal", {"key": share, "official_assertion": assertion})
+            )
+        except ServiceError as exc:  # another share began or ended the attempt meanwhile
+            if attempt == 2 or "sign again" not in str(exc):
+                raise
+    raise AssertionError  # unreachable
+
+
+@action(
+    "unseal.submit-shares",
+    "officials type their shares (hidden) until the service unseals",
+    on_wrong_share=(str,),
+    attempts=(int,),
+    signed=(bool,),
+)
+def unseal(ctx: StepContext) -> str:
+    status = ctx.call("GET", "sys/seal-status")
+    if not status.get("initialized"):
+        raise StepFailedError("the service is not initialised")
+    if not status.get("sealed"):
+        ctx.event("already-unsealed")
+        return "the service was already unsealed when this step began"
+    already = set()
+    if int(status.get("progress") or 0) > 0:
+        already = {str(e["principal"]) for e in ctx.earlier_events("share-accepted")}
+    elif ctx.earlier_events("share-accepted"):
+        ctx.event("progress-expired")
+        ctx.term.say("Unseal progress from the interrupted attempt has expired: start again.")
+    ctx.term.say(f"The service needs {status.get('t')} shares; each official types theirs.")
+    ShareRound(
+        ctx,
+        "unsealing",
+        submit=lambda official, share: _submit_unseal(ctx, official, share),
+        progress=lambda: _unseal_progress(ctx),
+        done=lambda answer: not answer.get("sealed", True),
+    ).run(already)
+    return "the service is unsealed"
+
+
+# --- initialisation --------------------------------------------------------------------------
+
+
+@action(
+    "domain.init", "create the root secret and hand one share to each official", threshold=(int,)
+)
+def init_domain(ctx: StepContext) -> str:
+    officials = ctx.officials()
+    threshold = int(ctx.params.get("threshold", 2))
+    status = ctx.call("GET", "sys/seal-status")
+    handed = {e["principal"] for e in ctx.earlier_events("share-handed-out")}
+    if status.get("initialized"):
+        if ctx.earlier_events("initialised"):
+            raise StepFailedError(
+                "the service was initialised by this ceremony, but the runner stopped before "
+                f"every share was handed out ({len(handed)} of {len(officials)}). The shares "
+                "exist nowhere else, so this domain can never be unsealed: wipe the data "
+                "directory and the token (docs/operations.md, 'Init interrupted by a crash') "
+                "and run the ceremony again with --restart"
+            )
+        raise StepFailedError("the service is already initialised, and not by this ceremony")
+    ctx.event("init-requested", threshold=threshold, shares=len(officials))
+    answer = ctx.call(
+        "PUT", "sys/init", {"secret_shares": len(officials), "secret_threshold": threshold}
+    )
+    ctx.session.root_token = str(answer["root_token"])
+    ctx.event(
+        "initialised",
+        threshold=threshold,
+        shares=len(officials),
+        request_id=ctx.service.last_request_id(),
+    )
+    for number, (official, share) in enumerate(zip(officials, answer["keys"], strict=True), 1):
+        _hand_out(ctx, official, share, number, len(officials))
+    answer.clear()
+    return f"initialised with {threshold} of {len(officials)} shares; each official holds one"
+
+
+def _hand_out(ctx: StepContext, official: Participant, share: str, number: int, total: int) -> None:
+    term = ctx.term
+    while True:
+        term.clear()
+        term.say(
+            f"Share {number} of {total}, for {official.principal} ONLY. Everyone else looks away."
+        )
+        term.say()
+        term.say(f"    {share}")
+        term.say()
+        if term.confirm(f"{official.principal}: have you written it down and checked every word?"):
+            break
+    term.clear()
+    ctx.event("share-handed-out", official.principal, member=member_of(share))
+
+
+# --- root tokens -----------------------------------------------------------------------------
+
+
+def _generate_root(ctx: StepContext) -> str:
+    """A new root token from the officials' shares; kept in memory only."""
+    attempt = ctx.call("GET", "sys/generate-root/attempt")
+    ours = {e.get("nonce") for e in ctx.earlier_events("root-generation-started")}
+    if attempt.get("started"):
+        if attempt.get("nonce") not in ours:
+            raise StepFailedError(
+                f"another root generation (nonce {attempt.get('nonce')}) is in progress: find "
+                "out who started it, cancel it (ekms operator generate-root -cancel), then retry"
+            )
+        ctx.call("DELETE", "sys/generate-root/attempt")  # ours, but its OTP died with the runner
+        ctx.event(
+            "root-generation-cancelled",
+            nonce=attempt.get("nonce"),
+            reason="interrupted attempt; its one-time pad was lost with the runner",
+        )
+    started = ctx.call("PUT", "sys/generate-root/attempt", {})
+    otp, nonce = str(started["otp"]), str(started["nonce"])
+    ctx.event("root-generation-started", nonce=nonce, request_id=ctx.service.last_request_id())
+    ctx.term.say(f"Root generation nonce: {nonce}. Each official checks it before typing a share.")
+    answer = ShareRound(
+        ctx,
+        f"root generation {nonce[:8]}",
+        submit=lambda _official, share: dict(
+            ctx.call("PUT", "sys/generate-root/update", {"key": share, "nonce": nonce})
+        ),
+        progress=lambda: _root_progress(ctx),
+        done=lambda answer: bool(answer.get("complete")),
+    ).run(set())
+    token = decode_with_otp(str(answer["encoded_token"]), otp)
+    ctx.session.root_token = token
+    looked_up = ctx.call("GET", "auth/token/lookup-self", token=token)
+    ctx.session.root_token_id = str(looked_up["data"]["accessor"])
+    ctx.event("root-token-generated", token_id=ctx.session.root_token_id)
+    return token
+
+
+def _root_progress(ctx: StepContext) -> tuple[int, int]:
+    status = ctx.call("GET", "sys/generate-root/attempt")
+    return int(status.get("progress") or 0), int(status.get("required") or 0)
+
+
+def root_token(ctx: StepContext) -> str:
+    """The ceremony's root token; if the runner lost it, the officials generate a new one."""
+    if ctx.session.root_token is None:
+        ctx.term.say(f"This step needs a root token: {ROOT_LOST}. The officials generate one.")
+        return _generate_root(ctx)
+    return ctx.session.root_token
+
+
+@action("root.generate", "officials generate a root token with their shares")
+def generate_root(ctx: StepContext) -> str:
+    _generate_root(ctx)
+    return f"root token {ctx.session.root_token_id} generated (held by the runner, in memory)"
+
+
+@action("root.hand-over", "show the root token once to the administrator, then clear the screen")
+def hand_over_root(ctx: StepContext) -> str:
+    token = ctx.session.root_token
+    if token is None:
+        raise StepFailedError(f"there is no root token to hand over: {ROOT_LOST}")
+    admin = ctx.administrator()
+    term = ctx.term
+    while True:
+        term.clear()
+        term.say(f"Root token, for {admin.principal} ONLY:")
+        term.say()
+        term.say(f"    {token}")
+        term.say()
+        if term.confirm(f"{admin.principal}: have you taken the root token?"):
+            break
+    term.clear()
+    ctx.event("root-token-handed-over", admin.principal, token_id=ctx.session.root_token_id)
+    return f"root token {ctx.session.root_token_id} handed to {admin.principal}"
+
+
+@action("root.revoke", "revoke the ceremony's root token")
+def revoke_root(ctx: StepContext) -> str:
+    token = ctx.session.root_token
+    if token is None:
+        raise StepFailedError(
+            f"{ROOT_LOST}. Revoke it by its id with a new root token "
+            "(auth/token/revoke-accessor; docs/operations.md)"
+        )
+    if ctx.session.root_token_id is None:
+        ctx.session.root_token_id = str(
+            ctx.call("GET", "auth/token/lookup-self", token=token)["data"]["accessor"]
+        )
+    ctx.call("POST", "auth/token/revoke-self", token=token)
+    ctx.session.root_token = None
+    ctx.event(
+        "root-token-revoked",
+        token_id=ctx.session.root_token_id,
+        request_id=ctx.service.last_request_id(),
+    )
+    return f"root token {ctx.session.root_token_id} revoked"
+
+
+# --- principals ------------------------------------------------------------------------------
+
+
+@action(
+    "principals.register",
+    "register the participants' public keys: officials, the administrator and the witness",
+    administrator_role=(str,),
+    witness_role=(str,),
+)
+def register_principals(ctx: StepContext) -> str:
+    roles = {
+        CeremonyRole.OFFICIALS: "official",
+        CeremonyRole.ADMINISTRATOR: str(ctx.params.get("administrator_role", "security-officer")),
+        CeremonyRole.WITNESS: str(ctx.params.get("witness_role", "auditor")),
+    }
+    bootstrap = int(ctx.session.info.get("approvals_required", 2)) + 1
+    officials = ctx.officials()
+    if len(officials) > bootstrap:
+        raise StepFailedError(
+            f"the root token may register only the first {bootstrap} officials; register the "
+            "others afterwards by add-official proposals"
+        )
+    token = root_token(ctx)
+    registered = 0
+    for participant in officials + [p for p in ctx.participants if p not in officials]:
+        role = roles[participant.role]
+        try:
+            found = ctx.call("GET", f"ekms/principals/{participant.principal}", token=token)
+        except ServiceError as exc:
+            if exc.status != 404:
+                raise
+        else:
+            if found["data"]["thumbprint"] != participant.thumbprint:
+                raise StepFailedError(
+                    f"{participant.principal} is registered already, with another key"
+                )
+            ctx.event("already-registered", participant.principal, role=role)
+            continue
+        ctx.call(
+            "POST",
+            f"ekms/principals/{participant.principal}",
+            {"roles": [role], "jwk": dict(participant.holder.jwk)},
+            token=token,
+        )
+        registered += 1
+        ctx.event(
+            "registered",
+            participant.principal,
+            role=role,
+            thumbprint=participant.thumbprint,
+            request_id=ctx.service.last_request_id(),
+        )
+    return f"{registered} principals registered ({len(ctx.participants) - registered} were already)"
+
+
+# --- keys ------------------------------------------------------------------------------------
+
+
+def _key_names(ctx: StepContext, token: str) -> list[str]:
+    wanted = ctx.params.get("keys", "all")
+    if isinstance(wanted, list):
+        return [str(k) for k in wanted]
+    try:
+        listed = ctx.call("GET", "transit/keys?list=true", token=token)
+    except ServiceError as exc:
+        if exc.status == 404:
+            return []
+        raise
+    return [str(k) for k in listed["data"]["keys"]]
+
+
+@action("keys.create", "create the named keys (name: classification)", keys=(dict,))
+def create_keys(ctx: StepContext) -> str:
+    token = ctx.token(ctx.administrator())
+    wanted = dict(ctx.params.get("keys", {}))
+    created = 0
+    for name, classification in wanted.items():
+        try:
+            found = ctx.call("GET", f"transit/keys/{name}", token=token)
+        except ServiceError as exc:
+            if exc.status != 404:
+                raise
+        else:
+            ctx.event("key-exists", key=name, classification=found["data"].get("classification"))
+            continue
+        ctx.call(
+            "POST", f"transit/keys/{name}", {"classification": str(classification)}, token=token
+        )
+        created += 1
+        ctx.event(
+            "key-created",
+            key=name,
+            classification=str(classification),
+            request_id=ctx.service.last_request_id(),
+        )
+    return f"{created} keys created, {len(wanted) - created} existed already"
+
+
+@action("keys.rotate", "rotate keys to a new version (keys: all, or a list)", keys=(str, list))
+def rotate_keys(ctx: StepContext) -> str:
+    token = ctx.token(ctx.administrator())
+    intents = {str(e["key"]): int(e["from_version"]) for e in ctx.earlier_events("rotating")}
+    done = {str(e["key"]) for e in ctx.earlier_events("rotated")}
+    names = _key_names(ctx, token)
+    if not names:
+        raise StepFailedError("there are no keys to rotate")
+    rotated = []
+    for name in names:
+        if name in done:
+            continue
+        current = int(
+            ctx.call("GET", f"transit/keys/{name}", token=token)["data"]["latest_version"]
+        )
+        if name in intents and current > intents[name]:
+            ctx.event(
+                "rotated", key=name, to_version=current, note="rotated before the runner stopped"
+            )
+            rotated.append(name)
+            continue
+        ctx.event("rotating", key=name, from_version=current)
+        answer = ctx.call("POST", f"transit/keys/{name}/rotate", token=token)
+        ctx.event(
+            "rotated",
+            key=name,
+            to_version=answer["data"]["latest_version"],
+            request_id=ctx.service.last_request_id(),
+        )
+        rotated.append(name)
+    return f"rotated {len(rotated) + len(done)} keys: {', '.join(names)}"
+
+
+# --- proposals: emergencies ------------------------------------------------------------------
+
+
+def _proposal(ctx: StepContext, kind: str, payload: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """File a proposal by the first official and let the others decide it, each at the terminal."""
+    officials = ctx.officials()
+    if not officials:
+        raise StepFailedError("no official is present")
+    filed = ctx.earlier_events("proposed")
+    if filed:
+        proposal_id = str(filed[-1]["proposal"])
+        proposal = ctx.call("GET", f"ekms/proposals/{proposal_id}", token=ctx.token(officials[0]))[
+            "data"
+        ]
+        ctx.term.say(f"Continuing with proposal {proposal_id} filed before the runner stopped.")
+    else:
+        proposer = officials[0]
+        proposal = ctx.call(
+            "POST",
+            "ekms/proposals",
+            {"kind": kind, "payload": payload()},
+            token=ctx.token(proposer),
+        )["data"]
+        ctx.event(
+            "proposed",
+            proposer.principal,
+            proposal=proposal["id"],
+            kind=kind,
+            digest=proposal["digest"],
+            request_id=ctx.service.last_request_id(),
+        )
+    for official in officials:
+        if proposal["state"] != "pending":
+            break
+        if official.principal == proposal["requester"] or official.principal in (
+            proposal["approved_by"] + proposal["denied_by"]
+        ):
+            continue
+        ctx.term.say(
+            f"Proposal {proposal['id']} ({kind}) by {proposal['requester']}: "
+            f"{_payload_text(proposal['payload'])}; digest {proposal['digest']}"
+        )
+        decision = "approve" if ctx.term.confirm(f"{official.principal}: approve it?") else "deny"
+        signature = official.holder.approval(proposal, ctx.session.audience, decision)
+        proposal = ctx.call(
+            "POST",
+            f"ekms/proposals/{proposal['id']}/decide",
+            {"signature": signature},
+            token=ctx.token(official),
+        )["data"]
+        ctx.event(
+            "decided",
+            official.principal,
+            proposal=proposal["id"],
+            decision=decision,
+            state=proposal["state"],
+            request_id=ctx.service.last_request_id(),
+        )
+    if proposal["state"] != "approved":
+        raise StepFailedError(
+            f"proposal {proposal['id']} is {proposal['state']} with {proposal['approvals']} of "
+            f"{proposal['required']} approvals"
+        )
+    return dict(proposal)
+
+
+def _payload_text(payload: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(payload.items()))
+
+
+def _justification(ctx: StepContext) -> str:
+    earlier = ctx.earlier_events("justification")
+    if earlier:
+        return str(earlier[-1]["text"])
+    text = ctx.term.ask(f"{ctx.officials()[0].principal}: the justification, for the record")
+    ctx.event("justification", ctx.officials()[0].principal, text=text[:2000])
+    return text[:2000]
+
+
+@action(
+    "emergency.declare",
+    "an official proposes an emergency and a quorum of officials approves it",
+    duration_hours=(int,),
+)
+def declare_emergency(ctx: StepContext) -> str:
+
+    def payload() -> dict[str, Any]:
+        hours = ctx.params.get("duration_hours")
+        while hours is None:
+            answer = ctx.term.ask("Duration of the emergency, in whole hours", default="24")
+            hours = int(answer) if answer.isdigit() and int(answer) > 0 else None
+        return {"duration": int(hours) * 3600, "justification": _justification(ctx)}
+
+    proposal = _proposal(ctx, "declare-emergency", payload)
+    hours = int(proposal["payload"]["duration"]) // 3600
+    return f"emergency declared for {hours} h by proposal {proposal['id']}"
+
+
+@action("emergency.end", "an official proposes to end the emergency and a quorum approves")
+def end_emergency(ctx: StepContext) -> str:
+    proposal = _proposal(ctx, "end-emergency", lambda: {"justification": _justification(ctx)})
+    return f"emergency ended by proposal {proposal['id']}"
