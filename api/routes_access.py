@@ -234,6 +234,14 @@ def build_router(handler: Handler) -> APIRouter:  # noqa: C901, PLR0915 - one cl
 
         return await run(request, "identity.disable", work, root_only=False, body=False)
 
+    @router.api_route("/v1/ekms/principals/{principal_id}/enable", methods=["POST", "PUT"])
+    async def enable(request: Request, principal_id: str) -> Response:
+        def work(call: Call, _data: dict[str, Any]) -> tuple[int, Any]:
+            call.details["target"] = principal_id
+            return 200, envelope(call, access().enable(call.caller, principal_id).to_json())
+
+        return await run(request, "identity.enable", work, root_only=False, body=False)
+
     @router.api_route("/v1/ekms/principals/{principal_id}/revoke-tokens", methods=["POST", "PUT"])
     async def revoke_tokens(request: Request, principal_id: str) -> Response:
         def work(call: Call, _data: dict[str, Any]) -> tuple[int, Any]:

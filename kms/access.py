@@ -481,6 +481,24 @@ class AccessService:
         self._store.update_principal(updated)
         return updated
 
+    def enable(self, actor: Identity, principal_id: str) -> Principal:
+        """Let a disabled principal (by an officer, or by a review campaign) log in again.
+
+        Tokens issued before the disabling stay dead (``tokens_valid_after`` is kept): enabling
+        gives back the right to log in, not the sessions that were cut. Officials are never
+        disabled this way, so there is nothing to enable for them here.
+        """
+        current = self._require_principal(principal_id)
+        if current.roles & QUORUM_ROLES:
+            raise PermissionDeniedError("adding an official needs a quorum (proposal)")
+        if not (actor.root or actor.has(Role.SECURITY_OFFICER)):
+            raise PermissionDeniedError("principals are managed by security officers")
+        if current.active:
+            raise ConflictError(f"{principal_id!r} is already enabled")
+        updated = replace(current, disabled_at=None)
+        self._store.update_principal(updated)
+        return updated
+
     def revoke_tokens_of(self, actor: Identity, principal_id: str) -> Principal:
         if not (actor.root or actor.has(Role.SECURITY_OFFICER)):
             raise PermissionDeniedError("token revocation is for security officers")

@@ -371,6 +371,21 @@ def test_attack_battery_is_refused_and_audited(world: World) -> None:
     assert world.call("POST", "ekms/principals/operator/disable", officer).status_code == 200
     assert world.call("GET", "auth/token/lookup-self", operator_token).status_code == 401
 
+    # Enabling lets them log in again; the token cut off by the disabling stays dead.
+    enabled = world.call("POST", "ekms/principals/operator/enable", officer)
+    assert enabled.status_code == 200, enabled.text
+    assert enabled.json()["data"]["disabled_at"] is None
+    assert world.call("GET", "auth/token/lookup-self", operator_token).status_code == 401
+    time.sleep(1.0)  # tokens carry whole-second iat: one from the disabling second stays dead
+    fresh = world.login(world.operator)
+    assert world.call("GET", "auth/token/lookup-self", fresh).status_code == 200
+    again = world.call("POST", "ekms/principals/operator/enable", officer)
+    assert again.status_code in (400, 409)
+    assert "already enabled" in again.text
+    official = world.officials[0].id
+    refused = world.call("POST", f"ekms/principals/{official}/enable", officer)
+    assert refused.status_code == 403
+
     records = world.server.runtime.store.audit_records(10_000)
     refused = [r for r in records if r["status"] == 401]
     assert len(refused) >= 12
