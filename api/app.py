@@ -10,7 +10,15 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 
-from api import routes_access, routes_audit, routes_review, routes_sys, routes_tokens, routes_web
+from api import (
+    routes_access,
+    routes_audit,
+    routes_custody,
+    routes_review,
+    routes_sys,
+    routes_tokens,
+    routes_web,
+)
 from api.direct_dispatch import DirectDispatch
 from api.errors import error_response, unhandled
 from api.http import Handler
@@ -62,6 +70,7 @@ def create_app(runtime: Runtime, seal_control: SealControl) -> FastAPI:
     app.include_router(routes_review.build_router(handler))
     app.include_router(routes_web.build_router(handler))
     app.include_router(ceremonies_router(handler))
+    app.include_router(routes_custody.build_router(handler))
     transit = TransitRoutes(handler).router()
     app.include_router(transit)
     app.add_middleware(DirectDispatch, prefix=transit.prefix, routes=transit.routes)

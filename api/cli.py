@@ -772,7 +772,7 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement 
     server.set_defaults(func=cmd_server)
 
     operator = sub.add_parser(
-        "operator", help="init, unseal, seal, status, generate-root"
+        "operator", help="init, unseal, seal, status, generate-root, rekey, share check"
     ).add_subparsers(dest="action", required=True)
     init = operator.add_parser("init", help="initialise and print the shares")
     init.add_argument("-key-shares", "--key-shares", type=int, default=5)
@@ -833,6 +833,10 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement 
     generate_root.set_defaults(func=cmd_operator_generate_root)
     for p in (init, unseal, seal, status, generate_root):
         client_options(p)
+    from api.cli_custody import add_drill_commands, add_operator_commands  # rekey, share check
+
+    add_operator_commands(operator, client_options)
+    add_drill_commands(sub, client_options)
 
     key = sub.add_parser("key", help="transit keys").add_subparsers(dest="action", required=True)
     create = key.add_parser("create")
@@ -967,4 +971,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # `python -m api.cli`: the command modules import api.cli; let them find this module, so
+    # that the CliError they raise is the one main catches.
+    sys.modules.setdefault("api.cli", sys.modules[__name__])
     raise SystemExit(main())

@@ -10,18 +10,29 @@ import time
 from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import APIRouter
+from pydantic import Field
 from starlette.requests import Request
 from starlette.responses import Response
 
 from api.http import Body, Call, Handler, envelope, json_response, parse_model
 from api.routes_audit import require_auditor
 from kms import jose
-from kms.errors import ConflictError, EkmsError, InvalidRequestError, NotInitializedError
+from kms.errors import (
+    ConflictError,
+    EkmsError,
+    InvalidRequestError,
+    NotInitializedError,
+    PermissionDeniedError,
+)
+from kms.identity import Role
 from kms.keys import decode_b64_field
+from kms.rekey import RekeyPlan
 from kms.unseal_assertion import claimed_official, share_member, verify_unseal_assertion
 
 if TYPE_CHECKING:
-    from api.runtime import SealControl
+    from api.runtime import Runtime, SealControl
+    from kms.access import Identity
+    from kms.rekey import RekeyStatus
     from kms.root_generation import RootGenerationStatus
     from kms.seal import SealStatus
 
@@ -61,6 +72,148 @@ class GenerateRootStartRequest(Body):
 class GenerateRootUpdateRequest(Body):
     key: str
     nonce: str
+
+
+class RekeyInitRequest(Body):
+    """Vault's rekey init, plus SLIP-39 groups and holders (ours)."""
+
+    secret_shares: int | None = None
+    secret_threshold: int | None = None
+    groups: list[tuple[int, int]] | None = Field(default=None, max_length=16)
+    group_threshold: int | None = None
+    holders: list[str] | None = Field(default=None, max_length=16)
+    require_verification: bool = True
+    pgp_keys: list[str] | None = None
+    backup: bool = False
+
+
+class RekeyUpdateRequest(Body):
+    key: str = Field(max_length=1024)
+    nonce: str | None = Field(default=None, max_length=64)
+
+
+def rekey_body(status: RekeyStatus) -> dict[str, Any]:
+    """Vault's rekey status; ``groups``, ``group_threshold``, ``holders`` and ``phase`` are ours.
+
+    ``t`` and ``n`` describe the new set (as in Vault), ``required`` the current shares needed.
+    Verification is always required: new shares are in force only once a quorum of them is
+    verified (``PUT sys/rekey/verify``).
+    """
+    return {
+        "started": status.started,
+        "nonce": status.nonce,
+        "t": status.t,
+        "n": status.n,
+        "progress": status.progress,
+        "required": status.required,
+        "pgp_fingerprints": None,
+        "backup": False,
+        "verification_required": True,
+        "verification_nonce": status.verification_nonce,
+        "complete": status.complete,
+        "share_scheme": "slip39",
+        "group_threshold": status.group_threshold,
+        "groups": [list(g) for g in status.groups],
+        "holders": list(status.holders),
+        "phase": status.phase,
+    }
+
+
+def rekey_issued_body(status: RekeyStatus) -> dict[str, Any]:
+    """The one answer that carries the new shares (mnemonics, or JWEs when holders are set)."""
+    keys = list(status.keys)
+    return {
+        **rekey_body(status),
+        "complete": True,
+        "keys": keys,
+        "keys_base64": keys,
+        "members": list(status.members),
+        "encrypted": bool(status.holders),
+    }
+
+
+def rekey_verify_body(status: RekeyStatus) -> dict[str, Any]:
+    """Vault's rekey verification status (``nonce`` is the verification nonce)."""
+    return {
+        "started": bool(status.verification_nonce),
+        "nonce": status.verification_nonce,
+        "t": status.t,
+        "n": status.n,
+        "progress": status.verification_progress,
+        "complete": status.complete,
+    }
+
+
+def rekey_details(status: RekeyStatus) -> dict[str, Any]:
+    """What the audit record keeps of a rekey step: never a share or a key."""
+    details: dict[str, Any] = {"phase": status.phase, "progress": status.progress}
+    if status.member is not None:
+        details["member"] = status.member
+    if status.verification_progress:
+        details["verification_progress"] = status.verification_progress
+    if status.new_set is not None:
+        details["new_set"] = {"identifier": status.new_set[0], "generation": status.new_set[1]}
+    if status.complete:
+        details["complete"] = True
+    return details
+
+
+def rekey_plan(runtime: Runtime, body: RekeyInitRequest) -> RekeyPlan:
+    if body.pgp_keys or body.backup:
+        raise InvalidRequestError(
+            "pgp_keys and backup are not supported: give holders (principal ids) to have each "
+            "new share encrypted to its holder's registered P-256 key"
+        )
+    if not body.require_verification:
+        raise InvalidRequestError(
+            "require_verification cannot be false: new shares are in force only once a quorum "
+            "of them is verified (PUT sys/rekey/verify)"
+        )
+    if body.groups is not None:
+        if body.secret_shares is not None or body.secret_threshold is not None:
+            raise InvalidRequestError(
+                "give either secret_shares and secret_threshold, or groups (with "
+                "group_threshold), not both"
+            )
+        if body.group_threshold is None and len(body.groups) != 1:
+            raise InvalidRequestError("group_threshold is required with several groups")
+        group_threshold, groups = body.group_threshold or 1, body.groups
+    else:
+        if body.secret_shares is None or body.secret_threshold is None:
+            raise InvalidRequestError(
+                "missing required fields 'secret_shares' and 'secret_threshold' (or 'groups')"
+            )
+        if body.group_threshold not in (None, 1):
+            raise InvalidRequestError("group_threshold goes with groups")
+        group_threshold, groups = 1, [(body.secret_threshold, body.secret_shares)]
+    holders = [_holder(runtime, principal) for principal in body.holders or []]
+    return RekeyPlan.of(
+        group_threshold=group_threshold,
+        groups=groups,
+        holders=holders,
+        allow_single_share=runtime.settings.dev,
+    )
+
+
+def _holder(runtime: Runtime, principal: str) -> tuple[str, dict[str, str]]:
+    if not isinstance(principal, str) or len(principal) > 64:
+        raise InvalidRequestError("holders must be principal ids")
+    found = runtime.store.principal(principal)
+    if found is None:
+        raise InvalidRequestError(f"holder {principal!r} is not a registered principal")
+    if not found.has(Role.OFFICIAL):
+        raise InvalidRequestError(
+            f"holder {principal!r} is not an active official: only officials hold shares"
+        )
+    return principal, dict(found.jwk)
+
+
+def require_custody_starter(identity: Identity) -> None:
+    """Starting or cancelling a rekey: the root token, a security officer or an official."""
+    if not (identity.root or identity.has(Role.SECURITY_OFFICER) or identity.has(Role.OFFICIAL)):
+        raise PermissionDeniedError(
+            "a rekey is started or cancelled by a security officer, an official or root"
+        )
 
 
 def root_generation_body(status: RootGenerationStatus) -> dict[str, Any]:
@@ -373,6 +526,112 @@ def build_router(handler: Handler, seal: SealControl) -> APIRouter:  # noqa: C90
             return root_answer(call, request, seal.submit_root_share(body.key, body.nonce))
 
         return await run_root(request, "sys.generate-root.update", work, body=True)
+
+    # Rekey (docs/adr/0010). Starting and cancelling need a token (a security officer, an
+    # official or root: Vault lets anyone cancel anyone's rekey); the share steps take none, as
+    # in Vault: the share and the attempt's nonce are the authority.
+    @router.get("/rekey/init")
+    async def rekey_status(request: Request) -> Response:
+        def work(call: Call, _data: dict[str, Any]) -> tuple[int, Any]:
+            status = seal.rekey_status()
+            call.details = rekey_details(status)
+            return 200, rekey_body(status)
+
+        return await run_root(request, "sys.rekey.status", work, body=False)
+
+    @router.api_route("/rekey/init", methods=["PUT", "POST"])
+    async def rekey_start(request: Request) -> Response:
+        def work(call: Call, data: dict[str, Any]) -> tuple[int, Any]:
+            require_custody_starter(call.caller)
+            plan = rekey_plan(runtime, parse_model(RekeyInitRequest, data))
+            call.details = {
+                "group_threshold": plan.group_threshold,
+                "groups": [list(g) for g in plan.groups],
+                "holders": [p for p, _ in plan.holders],
+            }
+            status = seal.start_rekey(plan)
+            call.details["nonce"] = status.nonce
+            return 200, rekey_body(status)
+
+        return await handler.run(
+            request, "sys.rekey.start", work, key_operation=False, root_only=False
+        )
+
+    @router.delete("/rekey/init")
+    async def rekey_cancel(request: Request) -> Response:
+        def work(call: Call, _data: dict[str, Any]) -> tuple[int, Any]:
+            require_custody_starter(call.caller)
+            seal.cancel_rekey()
+            call.details = {"cancelled": True}
+            return 204, None
+
+        return await handler.run(
+            request, "sys.rekey.cancel", work, key_operation=False, root_only=False, body=False
+        )
+
+    @router.api_route("/rekey/update", methods=["PUT", "POST"])
+    async def rekey_update(request: Request) -> Response:
+        def work(call: Call, data: dict[str, Any]) -> tuple[int, Any]:
+            body = parse_model(RekeyUpdateRequest, data)
+            if not body.nonce:
+                raise InvalidRequestError(
+                    "missing required field 'nonce': every share names the rekey it is for "
+                    "(GET sys/rekey/init)"
+                )
+            status = seal.submit_rekey_share(body.key, body.nonce)
+            call.details = rekey_details(status)
+            if status.complete:
+                call.details["issued"] = {
+                    "members": list(status.members),
+                    "holders": list(status.holders),
+                    "encrypted": bool(status.holders),
+                }
+                return 200, rekey_issued_body(status)
+            return 200, rekey_body(status)
+
+        return await run_root(request, "sys.rekey.update", work, body=True)
+
+    @router.get("/rekey/verify")
+    async def rekey_verify_status(request: Request) -> Response:
+        def work(call: Call, _data: dict[str, Any]) -> tuple[int, Any]:
+            status = seal.rekey_status()
+            call.details = rekey_details(status)
+            return 200, rekey_verify_body(status)
+
+        return await run_root(request, "sys.rekey.verify-status", work, body=False)
+
+    @router.api_route("/rekey/verify", methods=["PUT", "POST"])
+    async def rekey_verify(request: Request) -> Response:
+        def work(call: Call, data: dict[str, Any]) -> tuple[int, Any]:
+            body = parse_model(RekeyUpdateRequest, data)
+            if not body.nonce:
+                raise InvalidRequestError(
+                    "missing required field 'nonce': the verification nonce (GET sys/rekey/verify)"
+                )
+            status = seal.submit_rekey_verification(body.key, body.nonce)
+            call.details = rekey_details(status)
+            if status.complete:
+                return 200, {"nonce": status.verification_nonce, "complete": True}
+            return 200, rekey_verify_body(status)
+
+        return await run_root(request, "sys.rekey.verify", work, body=True)
+
+    @router.delete("/rekey/verify")
+    async def rekey_verify_reset(request: Request) -> Response:
+        def work(call: Call, _data: dict[str, Any]) -> tuple[int, Any]:
+            require_custody_starter(call.caller)
+            status = seal.reset_rekey_verification()
+            call.details = {"verification_reset": True}
+            return 200, rekey_verify_body(status)
+
+        return await handler.run(
+            request,
+            "sys.rekey.verify-reset",
+            work,
+            key_operation=False,
+            root_only=False,
+            body=False,
+        )
 
     return router
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 from api.audit_log import AuditLog
 from api.audit_writer import AuditWriter
 from api.settings import ConfigError, Settings, prepare_softhsm_environment, softhsm_conf_path
+from hsm.pins import TokenPins
 from hsm.pkcs11_backend import Pkcs11Backend
 from hsm.softhsm import TransportPinProvisioner, create_token, find_module, write_config
 from kms.access import AccessConfig, AccessService
@@ -26,6 +27,7 @@ from storage.sql_store import SqlStore
 
 if TYPE_CHECKING:
     from kms.derivation import RootKeys
+    from kms.rekey import RekeyPlan, RekeyStatus
     from kms.root_generation import RootGenerationStatus
 
 log = logging.getLogger("ekms.runtime")
@@ -42,6 +44,12 @@ class SealControl(Protocol):
     def start_root_generation(self, otp: str | None) -> RootGenerationStatus: ...
     def submit_root_share(self, mnemonic: str, nonce: str) -> RootGenerationStatus: ...
     def cancel_root_generation(self) -> RootGenerationStatus: ...
+    def rekey_status(self) -> RekeyStatus: ...
+    def start_rekey(self, plan: RekeyPlan) -> RekeyStatus: ...
+    def submit_rekey_share(self, mnemonic: str, nonce: str) -> RekeyStatus: ...
+    def submit_rekey_verification(self, mnemonic: str, nonce: str) -> RekeyStatus: ...
+    def reset_rekey_verification(self) -> RekeyStatus: ...
+    def cancel_rekey(self) -> RekeyStatus: ...
 
 
 @dataclass
@@ -59,6 +67,7 @@ class Runtime:
     clock: SystemClock = field(default_factory=SystemClock)
     random: SystemRandom = field(default_factory=SystemRandom)
     seal_control: SealControl | None = None
+    pins: TokenPins | None = None
 
     def initialise(self, threshold: int, shares: int, root_token: str | None = None) -> InitResult:
         return initialise(
@@ -89,6 +98,10 @@ class Runtime:
                 "restored from an older backup? They are kept; see docs/operations.md",
                 report.unknown_objects,
             )
+
+    def replace_keys(self, keys: RootKeys) -> None:
+        """A rekey committed: keep this process's HSM login, take the new set's keys."""
+        self.barrier.replace(keys)
 
     def seal_process(self) -> None:
         """Close this process's barrier and forget every token verified while it was open."""
@@ -166,6 +179,9 @@ def create_runtime(
         provisioner=provisioner,
         clock=clock,
         random=random,
+        pins=TokenPins(
+            module=module, token_label=settings.token_label, manage_so_pin=settings.manage_so_pin
+        ),
     )
 
 
@@ -179,4 +195,8 @@ def local_seal_control(runtime: Runtime) -> Custodian:
         tokens=runtime.store,
         random=runtime.random,
         timeout=runtime.settings.unseal_timeout,
+        rekeys=runtime.store,
+        pins=runtime.pins,
+        rekeyed=runtime.replace_keys,
+        allow_single_share=runtime.settings.dev,
     )

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from api.runtime import create_runtime, prepare_hsm
+from hsm.pins import TokenPins
 from kms.derivation import RootKeys, wipe
 from kms.errors import (
     BackendError,
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from multiprocessing.process import BaseProcess
 
     from api.settings import Settings
+    from kms.rekey import RekeyPlan, RekeyStatus
     from kms.root_generation import RootGenerationStatus
 
 log = logging.getLogger("ekms.supervisor")
@@ -84,7 +86,7 @@ class Supervisor:
     # --- lifecycle ------------------------------------------------------------------------
 
     def prepare(self) -> Custodian:
-        prepare_hsm(self.settings)
+        module = prepare_hsm(self.settings)
         self._store = SqlStore.open(self.settings.database_url)
         self.custodian = Custodian(
             store=self._store,
@@ -94,6 +96,14 @@ class Supervisor:
             tokens=self._store,
             random=SystemRandom(),
             timeout=self.settings.unseal_timeout,
+            rekeys=self._store,
+            pins=TokenPins(
+                module=module,
+                token_label=self.settings.token_label,
+                manage_so_pin=self.settings.manage_so_pin,
+            ),
+            rekeyed=self._rekey_all,
+            allow_single_share=self.settings.dev,
         )
         return self.custodian
 
@@ -183,6 +193,20 @@ class Supervisor:
                     f"worker(s) {failures} could not open the HSM; node stays sealed"
                 )
 
+    def _rekey_all(self, keys: RootKeys) -> None:
+        """A rekey committed: every worker keeps its HSM login and takes the new set's keys."""
+        with self._broadcast_lock:
+            old, self._keys = self._keys, keys
+            if old is not None:
+                old.wipe()
+            blob = keys.to_bytes()
+            try:
+                for worker in self._workers:
+                    if not self._command(worker, b"R" + blob):
+                        log.error("worker %d did not take the new keys", worker.index)
+            finally:
+                wipe(blob)
+
     def _close_all(self) -> None:
         with self._broadcast_lock:
             self._close_locked()
@@ -248,6 +272,12 @@ def _custody_call(custodian: Custodian, request: tuple[Any, ...]) -> Any:
         "root-start": custodian.start_root_generation,
         "root-update": custodian.submit_root_share,
         "root-cancel": custodian.cancel_root_generation,
+        "rekey-status": custodian.rekey_status,
+        "rekey-start": custodian.start_rekey,
+        "rekey-update": custodian.submit_rekey_share,
+        "rekey-verify": custodian.submit_rekey_verification,
+        "rekey-verify-reset": custodian.reset_rekey_verification,
+        "rekey-cancel": custodian.cancel_rekey,
     }
     return calls.get(op, custodian.status)(*args)
 
@@ -298,6 +328,26 @@ class RemoteSealControl:
     def cancel_root_generation(self) -> RootGenerationStatus:
         return cast("RootGenerationStatus", self._call("root-cancel"))
 
+    # Rekey: old and new shares go to the supervisor; the new shares come back once (as
+    # mnemonics, or JWEs to their holders), no secret or working key ever does.
+    def rekey_status(self) -> RekeyStatus:
+        return cast("RekeyStatus", self._call("rekey-status"))
+
+    def start_rekey(self, plan: RekeyPlan) -> RekeyStatus:
+        return cast("RekeyStatus", self._call("rekey-start", plan))
+
+    def submit_rekey_share(self, mnemonic: str, nonce: str) -> RekeyStatus:
+        return cast("RekeyStatus", self._call("rekey-update", mnemonic, nonce))
+
+    def submit_rekey_verification(self, mnemonic: str, nonce: str) -> RekeyStatus:
+        return cast("RekeyStatus", self._call("rekey-verify", mnemonic, nonce))
+
+    def reset_rekey_verification(self) -> RekeyStatus:
+        return cast("RekeyStatus", self._call("rekey-verify-reset"))
+
+    def cancel_rekey(self) -> RekeyStatus:
+        return cast("RekeyStatus", self._call("rekey-cancel"))
+
 
 def worker_main(
     settings: Settings, sock: socket.socket, rpc: Connection, commands: Connection, index: int
@@ -342,6 +392,8 @@ def _command_loop(runtime: Any, commands: Connection) -> None:
         try:
             if message[:1] == b"O":
                 runtime.open_barrier(RootKeys.from_bytes(message[1:]))
+            elif message[:1] == b"R":
+                runtime.replace_keys(RootKeys.from_bytes(message[1:]))
             elif message[:1] == b"C":
                 runtime.seal_process()
             commands.send_bytes(b"K")

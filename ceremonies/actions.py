@@ -33,6 +33,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from ceremonies.script import ActionInfo, CeremonyRole, RoleRequirement, Script, Step
 from ceremonies.service import Service, ServiceError
 from ceremonies.state import utc_text
@@ -86,6 +88,8 @@ class Session:
     info: dict[str, Any]
     root_token: str | None = field(default=None, repr=False)
     root_token_id: str | None = None
+    rekey_nonce: str | None = None  # announced at rekey.start, checked by rekey.submit-share
+    drill: str | None = None  # the drill drill.start began, for the check-ins and the report
 
     @property
     def audience(self) -> str:
@@ -789,3 +793,410 @@ def declare_emergency(ctx: StepContext) -> str:
 def end_emergency(ctx: StepContext) -> str:
     proposal = _proposal(ctx, "end-emergency", lambda: {"justification": _justification(ctx)})
     return f"emergency ended by proposal {proposal['id']}"
+
+
+# --- custody lifecycle: rekey, share checks, drills ------------------------------------------
+
+
+def _groups_param(text: str) -> list[list[int]]:
+    groups = []
+    for part in text.split(","):
+        threshold, _, count = part.strip().partition("/")
+        if not (threshold.isdigit() and count.isdigit()):
+            raise StepFailedError(f"groups {text!r}: write each group as THRESHOLD/COUNT")
+        groups.append([int(threshold), int(count)])
+    return groups
+
+
+def _rekey_body(ctx: StepContext) -> dict[str, Any]:
+    """The new set: one share per official present, each encrypted to its holder if it can be."""
+    officials = ctx.officials()
+    body: dict[str, Any] = {"require_verification": True}
+    groups = ctx.params.get("groups")
+    if groups:
+        body["groups"] = _groups_param(str(groups))
+        body["group_threshold"] = int(ctx.params.get("group_threshold", 1))
+        count = sum(n for _, n in body["groups"])
+        if count != len(officials):
+            raise StepFailedError(
+                f"the groups make {count} shares but {len(officials)} officials are present: "
+                "each official present receives one share"
+            )
+    else:
+        current = int(ctx.session.info.get("threshold") or 2)
+        body["secret_shares"] = len(officials)
+        body["secret_threshold"] = int(ctx.params.get("threshold", min(current, len(officials))))
+    encrypt = ctx.params.get("encrypt")
+    if encrypt is None:
+        encrypt = all(o.holder.alg == "ES256" for o in officials)
+    if encrypt:
+        body["holders"] = [o.principal for o in officials]
+    return body
+
+
+@action(
+    "rekey.start",
+    "start a rekey: a new share set, one share for each official present",
+    threshold=(int,),
+    groups=(str,),
+    group_threshold=(int,),
+    encrypt=(bool,),
+)
+def start_rekey(ctx: StepContext) -> str:
+    token = ctx.token(ctx.administrator())
+    status = ctx.call("GET", "sys/rekey/init")
+    intended = ctx.earlier_events("rekey-starting")
+    if status.get("started"):
+        ours = {e.get("nonce") for e in ctx.earlier_events("rekey-started")}
+        if status.get("nonce") not in ours and not (
+            intended
+            and ctx.term.confirm(
+                f"{ctx.administrator().principal}: a rekey (nonce {status.get('nonce')}) is in "
+                "progress; the runner stopped just after starting one. Is it this ceremony's?"
+            )
+        ):
+            raise StepFailedError(
+                f"another rekey (nonce {status.get('nonce')}) is in progress: find out who "
+                "started it, cancel it (ekms operator rekey cancel), then retry"
+            )
+        ctx.event("rekey-resumed", nonce=status.get("nonce"))
+        nonce = str(status["nonce"])
+    else:
+        body = _rekey_body(ctx)
+        ctx.event(
+            "rekey-starting",
+            shares=body.get("secret_shares"),
+            threshold=body.get("secret_threshold"),
+            groups=body.get("groups"),
+            holders=body.get("holders"),
+        )
+        status = ctx.call("PUT", "sys/rekey/init", body, token=token)
+        nonce = str(status["nonce"])
+        ctx.event(
+            "rekey-started",
+            nonce=nonce,
+            new_threshold=status.get("t"),
+            new_shares=status.get("n"),
+            request_id=ctx.service.last_request_id(),
+        )
+    ctx.session.rekey_nonce = nonce
+    ctx.term.say(f"Rekey nonce: {nonce}. Each official checks it before typing a share.")
+    return (
+        f"rekey {nonce} started: {status.get('n')} new shares, {status.get('t')} to unseal; "
+        "the current shares stay in force until the new ones are verified"
+    )
+
+
+def _rekey_nonce(ctx: StepContext) -> str:
+    status = ctx.call("GET", "sys/rekey/init")
+    if not status.get("started"):
+        raise StepFailedError(
+            "no rekey is in progress (cancelled, expired, or lost with a sealed node); the "
+            "current shares stay in force: run the ceremony again with --restart"
+        )
+    nonce = str(status["nonce"])
+    if ctx.session.rekey_nonce is None:
+        if not ctx.term.confirm(
+            f"{ctx.administrator().principal}: the service's rekey nonce is {nonce}. Is it the "
+            "one announced when this ceremony started the rekey?"
+        ):
+            raise StepFailedError(f"rekey {nonce} is not this ceremony's; cancel it and restart")
+        ctx.session.rekey_nonce = nonce
+    if ctx.session.rekey_nonce != nonce:
+        raise StepFailedError(
+            f"the rekey in progress (nonce {nonce}) is not the one this ceremony started"
+        )
+    return nonce
+
+
+def _cancel_lost_rekey(ctx: StepContext, nonce: str) -> None:
+    ctx.call("DELETE", "sys/rekey/init", token=ctx.token(ctx.administrator()))
+    ctx.event("rekey-cancelled", nonce=nonce, reason="the new shares were lost with the runner")
+    raise StepFailedError(
+        "the new shares existed only in the runner's memory and were lost when it stopped; the "
+        "rekey was cancelled and the current shares stay in force: run the ceremony again "
+        "with --restart"
+    )
+
+
+def _hand_out_new(ctx: StepContext, answer: dict[str, Any]) -> None:
+    """Show each new share to its official only: decrypted with their key if it was encrypted."""
+    from kms import jwe  # noqa: PLC0415 - cryptography only when shares are handed out
+
+    officials = ctx.officials()
+    holders = list(answer.get("holders") or [])
+    keys, members = list(answer["keys"]), list(answer["members"])
+    answer.clear()
+    for number, (member, key) in enumerate(zip(members, keys, strict=True), 1):
+        if holders:
+            official = next(o for o in officials if o.principal == holders[number - 1])
+            private = official.holder.key
+            if not isinstance(private, ec.EllipticCurvePrivateKey):
+                raise StepFailedError(f"{official.principal}'s key cannot open an encrypted share")
+            share = jwe.decrypt(private, key).decode()
+        else:
+            official = officials[number - 1]
+            share = key
+        _hand_out(ctx, official, share, number, len(keys))
+        ctx.event("new-share-member", official.principal, member=member)
+        del share
+
+
+@action(
+    "rekey.submit-share",
+    "officials type their current shares (hidden); then each new share is shown to its holder",
+    on_wrong_share=(str,),
+    attempts=(int,),
+)
+def submit_rekey_shares(ctx: StepContext) -> str:
+    nonce = _rekey_nonce(ctx)
+    status = ctx.call("GET", "sys/rekey/init")
+    if status.get("phase") != "authorising":
+        if ctx.earlier_events("new-share-member") and len(
+            ctx.earlier_events("new-share-member")
+        ) == int(status.get("n") or 0):
+            return "the new shares were handed out before the runner stopped"
+        _cancel_lost_rekey(ctx, nonce)
+    already = set()
+    if int(status.get("progress") or 0) > 0:
+        already = {str(e["principal"]) for e in ctx.earlier_events("share-accepted")}
+    answer = ShareRound(
+        ctx,
+        f"rekey {nonce[:8]}",
+        submit=lambda _official, share: dict(
+            ctx.call("PUT", "sys/rekey/update", {"key": share, "nonce": nonce})
+        ),
+        progress=lambda: _rekey_progress(ctx),
+        done=lambda answer: bool(answer.get("keys")),
+    ).run(already)
+    count = len(answer["keys"])
+    ctx.event("new-shares-issued", members=answer.get("members"), holders=answer.get("holders"))
+    _hand_out_new(ctx, answer)
+    return (
+        f"a quorum of current shares authorised the rekey; {count} new shares handed out "
+        "(not in force until verified)"
+    )
+
+
+def _rekey_progress(ctx: StepContext) -> tuple[int, int]:
+    status = ctx.call("GET", "sys/rekey/init")
+    return int(status.get("progress") or 0), int(status.get("required") or 0)
+
+
+def _verify_progress(ctx: StepContext) -> tuple[int, int]:
+    status = ctx.call("GET", "sys/rekey/verify")
+    return int(status.get("progress") or 0), int(status.get("t") or 0)
+
+
+def _set_in_force(ctx: StepContext) -> dict[str, int]:
+    """The share set in force: its identifier and generation (never a share)."""
+    shares = ctx.call("GET", "ekms/shares", token=ctx.token(ctx.officials()[0]))
+    found = shares["data"]["share_set"]
+    return {"identifier": int(found["identifier"]), "generation": int(found["generation"])}
+
+
+@action(
+    "rekey.verify",
+    "holders type their new shares (hidden) until the new set is verified and in force",
+    on_wrong_share=(str,),
+    attempts=(int,),
+)
+def verify_rekey(ctx: StepContext) -> str:
+    status = ctx.call("GET", "sys/rekey/init")
+    before = ctx.earlier_events("verifying")
+    if not status.get("started"):
+        current = _set_in_force(ctx)
+        if before and (current["identifier"], current["generation"]) != (
+            before[-1]["identifier"],
+            before[-1]["generation"],
+        ):
+            ctx.event(
+                "rekey-committed",
+                note="committed before the runner stopped",
+                identifier=current["identifier"],
+                generation=current["generation"],
+            )
+            return "the new share set was verified and put in force before the runner stopped"
+        raise StepFailedError(
+            "no rekey awaits verification (cancelled, expired, or lost when the node sealed); "
+            "the current shares stay in force: run the ceremony again with --restart"
+        )
+    if status.get("phase") != "verifying":
+        raise StepFailedError("the rekey has not issued its new shares yet (step before)")
+    if not before:
+        old = _set_in_force(ctx)
+        ctx.event("verifying", identifier=old["identifier"], generation=old["generation"])
+    verify = ctx.call("GET", "sys/rekey/verify")
+    nonce = str(verify["nonce"])
+    already = set()
+    if int(verify.get("progress") or 0) > 0:
+        already = {str(e["principal"]) for e in ctx.earlier_events("share-accepted")}
+    ShareRound(
+        ctx,
+        f"verifying the new shares (nonce {nonce[:8]})",
+        submit=lambda _official, share: dict(
+            ctx.call("PUT", "sys/rekey/verify", {"key": share, "nonce": nonce})
+        ),
+        progress=lambda: _verify_progress(ctx),
+        done=lambda answer: bool(answer.get("complete")),
+    ).run(already)
+    current = _set_in_force(ctx)
+    ctx.event(
+        "rekey-committed",
+        request_id=ctx.service.last_request_id(),
+        identifier=current["identifier"],
+        generation=current["generation"],
+    )
+    return (
+        f"the new share set (identifier {current['identifier']}, generation "
+        f"{current['generation']}) is verified and in force; the old shares no longer unseal"
+    )
+
+
+def _prove_share(ctx: StepContext, share: str) -> dict[str, Any]:
+    from kms import share_check  # noqa: PLC0415 - cryptography only when a share is checked
+    from kms.jose import b64url_decode, b64url_encode  # noqa: PLC0415
+
+    challenge = ctx.call("GET", "ekms/shares/challenge")["data"]["challenge"]
+    proof = share_check.prove(share, b64url_decode(challenge))
+    return {
+        "member": proof.member,
+        "set_identifier": proof.identifier,
+        "challenge": challenge,
+        "proof": b64url_encode(proof.proof),
+    }
+
+
+def _each_official_proves(ctx: StepContext, purpose: str, path: str, done_event: str) -> int:
+    """Each official types their share (hidden) and proves it; returns how many succeeded."""
+    attempts = int(ctx.params.get("attempts", MAX_SHARE_ATTEMPTS))
+    done = {str(e["principal"]) for e in ctx.earlier_events(done_event)}
+    confirmed = len(done)
+    for official in ctx.officials():
+        if official.principal in done:
+            continue
+        for _ in range(attempts):
+            share = ctx.term.secret(
+                f"{official.principal}: type your share for {purpose} (hidden; press Enter to "
+                "pass): "
+            )
+            if not share:
+                ctx.event("share-passed", official.principal)
+                break
+            try:
+                body = _prove_share(ctx, share)
+            except InvalidRequestError as exc:
+                ctx.term.say(f"Share refused: {exc}")
+                ctx.event("share-rejected", official.principal, error=str(exc))
+                continue
+            finally:
+                del share
+            try:
+                answer = ctx.call("POST", path, body, token=ctx.token(official))["data"]
+            except ServiceError as exc:
+                if exc.status is None or exc.status >= 500:
+                    raise
+                ctx.term.say(f"Share refused: {exc}")
+                ctx.event(
+                    "share-rejected",
+                    official.principal,
+                    member=body["member"],
+                    error=str(exc),
+                    request_id=exc.request_id,
+                )
+                continue
+            confirmed += 1
+            ctx.term.say(f"Share confirmed ({official.principal}, member {answer['member']}).")
+            ctx.event(
+                done_event,
+                official.principal,
+                member=answer["member"],
+                request_id=ctx.service.last_request_id(),
+            )
+            break
+    return confirmed
+
+
+@action(
+    "share.check",
+    "each official proves their share belongs to the set in force, without revealing it",
+    attempts=(int,),
+)
+def check_shares(ctx: StepContext) -> str:
+    officials = ctx.officials()
+    confirmed = _each_official_proves(ctx, "a share check", "ekms/shares/check", "share-checked")
+    if confirmed < len(officials):
+        raise StepFailedError(
+            f"{len(officials) - confirmed} of {len(officials)} officials could not prove their "
+            "share belongs to the set in force"
+        )
+    return f"all {confirmed} officials proved their share belongs to the set in force"
+
+
+@action(
+    "drill.start",
+    "start a share-health drill",
+    hours=(int, float),
+    stale_after_days=(int,),
+)
+def start_drill(ctx: StepContext) -> str:
+    earlier = ctx.earlier_events("drill-started")
+    if earlier:
+        ctx.session.drill = str(earlier[-1]["drill"])
+        return f"drill {ctx.session.drill} was started before the runner stopped"
+    body = {
+        "duration": float(ctx.params.get("hours", 24)) * 3600.0,
+        "stale_after_days": int(ctx.params.get("stale_after_days", 90)),
+    }
+    answer = ctx.call("POST", "ekms/drills", body, token=ctx.token(ctx.administrator()))["data"]
+    ctx.session.drill = str(answer["id"])
+    ctx.event(
+        "drill-started",
+        drill=answer["id"],
+        deadline=utc_text(float(answer["deadline"])),
+        request_id=ctx.service.last_request_id(),
+    )
+    return f"drill {answer['id']} started, open until {utc_text(float(answer['deadline']))}"
+
+
+def _drill_id(ctx: StepContext) -> str:
+    if ctx.session.drill is not None:
+        return ctx.session.drill
+    admin = ctx.administrator()
+    listed = ctx.call("GET", "ekms/drills", token=ctx.token(admin))["data"]["drills"]
+    mine = [d for d in listed if d["open"] and d["started_by"] == admin.principal]
+    if not mine:
+        raise StepFailedError("no open drill started by the administrator: restart the ceremony")
+    ctx.session.drill = str(mine[0]["id"])
+    return ctx.session.drill
+
+
+@action("drill.check-in", "each official checks in with their share (never revealed)")
+def drill_check_in(ctx: StepContext) -> str:
+    drill = _drill_id(ctx)
+    confirmed = _each_official_proves(
+        ctx, f"drill {drill[:8]}", f"ekms/drills/{drill}/check-in", "checked-in"
+    )
+    return f"{confirmed} of {len(ctx.officials())} officials checked in to drill {drill}"
+
+
+@action("drill.report", "read the drill's report: confirmed, stale and missing shares, quorum")
+def drill_report(ctx: StepContext) -> str:
+    drill = _drill_id(ctx)
+    reader = ctx.performers()[0]
+    report = ctx.call("GET", f"ekms/drills/{drill}", token=ctx.token(reader))["data"]
+    for member in report["members"]:
+        holder = member["holder"] or "no holder recorded"
+        ctx.term.say(f"  member {member['member']}: {member['state']} ({holder})")
+    quorum = report["quorum"]
+    ctx.event(
+        "drill-report",
+        drill=drill,
+        counts=report["counts"],
+        quorum=quorum,
+        site=report["site"],
+        request_id=ctx.service.last_request_id(),
+    )
+    counts = ", ".join(f"{n} {state}" for state, n in report["counts"].items())
+    reachable = "reachable" if quorum["with_confirmed"] else "NOT reachable"
+    return f"drill {drill}: {counts}; a quorum is {reachable} with the shares confirmed"

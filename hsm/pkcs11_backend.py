@@ -41,7 +41,9 @@ _LIB_PID: dict[str, int] = {}
 _ED25519_OID_DER = bytes.fromhex("06032b6570")  # OBJECT IDENTIFIER 1.3.101.112
 _ED25519_SPKI_PREFIX = bytes.fromhex("302a300506032b6570032100")
 LABEL_PREFIX = "ekms/"
+_GCM_NONCE_BYTES = 12
 _LOOKUP_RETRY_DELAYS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+_OPEN_SESSIONS: set[int] = set()  # backends of this process that hold a logged-in session
 
 
 def load_library(module: str) -> Any:
@@ -87,20 +89,30 @@ class Pkcs11Backend:
         with _LIB_LOCK:
             if self._session is not None:
                 return
-            token = self._token()
             try:
-                self._session = token.open(rw=True, user_pin=pin.decode())
+                try:
+                    self._session = self._token().open(rw=True, user_pin=pin.decode())
+                except PinIncorrect:
+                    # SoftHSM keeps the PINs it read when this process loaded the token; after
+                    # a rekey changed them elsewhere (hsm.pins) only a re-initialised library
+                    # sees the new one. Safe only while this process holds no other session.
+                    if _OPEN_SESSIONS:
+                        raise
+                    load_library(self._module).reinitialize()
+                    self._session = self._token().open(rw=True, user_pin=pin.decode())
             except PinIncorrect as exc:
                 raise BackendError("HSM refused the derived PIN: wrong token or share set") from exc
             except UserAlreadyLoggedIn as exc:
                 raise BackendError("HSM token already logged in by this process") from exc
             except PKCS11Error as exc:
                 raise BackendError(f"HSM login failed: {type(exc).__name__}") from exc
+            _OPEN_SESSIONS.add(id(self))
 
     def close(self) -> None:
         with _LIB_LOCK:
             session, self._session = self._session, None
             self._objects.clear()
+            _OPEN_SESSIONS.discard(id(self))
             if session is not None:
                 # The token may already be gone; the session is forgotten either way.
                 with contextlib.suppress(PKCS11Error):
@@ -194,11 +206,12 @@ class Pkcs11Backend:
                     found.add(bytes(obj[Attribute.ID]))
             return found
 
-    def encrypt(self, handle: bytes, nonce: bytes, aad: bytes, plaintext: bytes) -> bytes:
+    def encrypt(self, handle: bytes, aad: bytes, plaintext: bytes) -> tuple[bytes, bytes]:
+        nonce = os.urandom(_GCM_NONCE_BYTES)  # the kernel CSPRNG; outside the lock
         with _LIB_LOCK:
             key = self._object(handle)
             try:
-                return bytes(
+                return nonce, bytes(
                     key.encrypt(
                         plaintext,
                         mechanism=Mechanism.AES_GCM,

@@ -7,23 +7,29 @@ touches the HSM or the disk; the caller decides what happens once a quorum is re
 from __future__ import annotations
 
 import hmac
+import secrets
 import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from shamir_mnemonic import MnemonicError, Share, generate_mnemonics
+from shamir_mnemonic import MnemonicError, Share
 from shamir_mnemonic.recovery import RecoveryState
+from shamir_mnemonic.shamir import EncryptedMasterSecret, split_ems
 from shamir_mnemonic.wordlist import WORD_INDEX_MAP
 
 from kms.derivation import ROOT_SECRET_BYTES, root_verifier
 from kms.errors import InvalidRequestError, InvalidShareError
 
 if TYPE_CHECKING:
-    from kms.ports import Clock
+    from collections.abc import Sequence
+
+    from kms.ports import Clock, RandomSource
 
 MAX_SHARES = 16
+MAX_GROUPS = 16
 ITERATION_EXPONENT = 1
 _VALID_WORD_COUNTS = (20, 33)  # 128-bit and 256-bit secrets
+_IDENTIFIER_BITS = 15
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,11 @@ class ShareSetDescriptor:
     groups: tuple[tuple[int, int], ...]  # (member threshold, member count) per group
     verifier: bytes
     created_at: float
+    # 0 for the set made at init; each rekey adds one. With the identifier it names the set.
+    generation: int = 0
+    # From the first rekey on: the working keys, AES-GCM under a key derived from this set's
+    # secret (kms.keyring). None: the keys are derived from the secret itself (generation 0).
+    keyring: bytes | None = field(default=None, repr=False)
 
     @property
     def shares_needed(self) -> int:
@@ -51,8 +62,25 @@ class ShareSetDescriptor:
     def share_count(self) -> int:
         return sum(n for _, n in self.groups)
 
-    def to_json(self) -> dict[str, Any]:
+    @property
+    def members(self) -> list[str]:
+        """Every member id ("group.member", from 0), in the order the shares are handed out."""
+        return [f"{g}.{m}" for g, (_, count) in enumerate(self.groups) for m in range(count)]
+
+    def public_json(self) -> dict[str, Any]:
+        """What may be shown to anyone: the parameters, never the verifier or the keyring."""
         return {
+            "identifier": self.identifier,
+            "generation": self.generation,
+            "group_threshold": self.group_threshold,
+            "groups": [list(g) for g in self.groups],
+            "shares_needed": self.shares_needed,
+            "share_count": self.share_count,
+            "created_at": self.created_at,
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
             "identifier": self.identifier,
             "extendable": self.extendable,
             "iteration_exponent": self.iteration_exponent,
@@ -61,9 +89,15 @@ class ShareSetDescriptor:
             "verifier": self.verifier.hex(),
             "created_at": self.created_at,
         }
+        if self.generation:
+            data["generation"] = self.generation
+        if self.keyring is not None:
+            data["keyring"] = self.keyring.hex()
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ShareSetDescriptor:
+        keyring = data.get("keyring")
         return cls(
             identifier=int(data["identifier"]),
             extendable=bool(data["extendable"]),
@@ -72,6 +106,8 @@ class ShareSetDescriptor:
             groups=tuple((int(t), int(n)) for t, n in data["groups"]),
             verifier=bytes.fromhex(data["verifier"]),
             created_at=float(data["created_at"]),
+            generation=int(data.get("generation", 0)),
+            keyring=None if keyring is None else bytes.fromhex(keyring),
         )
 
 
@@ -85,28 +121,104 @@ def validate_quorum(threshold: int, shares: int) -> None:
         )
 
 
+def validate_groups(
+    group_threshold: int, groups: Sequence[tuple[int, int]], *, allow_single_share: bool = False
+) -> None:
+    """SLIP-39 group parameters this service accepts, with a message naming what is wrong.
+
+    One group is the plain M-of-N set. Several groups ("2 of 3 from the ministry AND 2 of 3
+    from the information-system authority") need ``group_threshold`` groups, each with its own
+    member threshold. Whatever the shape, no single share may unseal outside development.
+    """
+    if len(groups) == 1 and group_threshold == 1:
+        validate_quorum(groups[0][0], groups[0][1])
+        if groups[0] == (1, 1) and not allow_single_share:
+            raise InvalidRequestError("a single share (1 of 1) is allowed only in development mode")
+        return
+    if not 1 <= len(groups) <= MAX_GROUPS:
+        raise InvalidRequestError(f"groups must list 1 to {MAX_GROUPS} groups; got {len(groups)}")
+    if not 1 <= group_threshold <= len(groups):
+        raise InvalidRequestError(
+            f"group_threshold must be between 1 and the number of groups ({len(groups)}); "
+            f"got {group_threshold}"
+        )
+    for number, (threshold, count) in enumerate(groups, start=1):
+        if not 1 <= threshold <= count <= MAX_SHARES:
+            raise InvalidRequestError(
+                f"group {number}: the member threshold must be between 1 and the member count, "
+                f"and the count at most {MAX_SHARES}; got {threshold} of {count}"
+            )
+        if threshold == 1 and count > 1:
+            raise InvalidRequestError(
+                f"group {number}: 1 of {count} is not allowed by SLIP-39 (every share would be "
+                "the group's secret); use 1 of 1"
+            )
+    total = sum(count for _, count in groups)
+    if total > MAX_SHARES:
+        raise InvalidRequestError(f"at most {MAX_SHARES} shares in all; the groups make {total}")
+    needed = sum(sorted(t for t, _ in groups)[:group_threshold])
+    if needed < 2 and not allow_single_share:
+        raise InvalidRequestError(
+            "these groups let a single share unseal; that is allowed only in development mode"
+        )
+
+
 def split_secret(
     secret: bytes | bytearray, threshold: int, shares: int, *, now: float
 ) -> tuple[list[str], ShareSetDescriptor]:
     """Split the root secret into ``shares`` mnemonics, any ``threshold`` of which unseal."""
     validate_quorum(threshold, shares)
+    return split_groups(secret, 1, [(threshold, shares)], now=now)
+
+
+def split_groups(
+    secret: bytes | bytearray,
+    group_threshold: int,
+    groups: Sequence[tuple[int, int]],
+    *,
+    now: float,
+    generation: int = 0,
+    random: RandomSource | None = None,
+    avoid_identifier: int | None = None,
+) -> tuple[list[str], ShareSetDescriptor]:
+    """Split the root secret into SLIP-39 groups; returns the mnemonics in member order.
+
+    ``avoid_identifier`` is the set being replaced: a new set never reuses its identifier, so
+    an old share is refused as another set's rather than taken for a member of the new one.
+    """
     if len(secret) != ROOT_SECRET_BYTES:
         raise ValueError("root secret must be 32 bytes")
-    groups = generate_mnemonics(
-        1, [(threshold, shares)], bytes(secret), iteration_exponent=ITERATION_EXPONENT
+    identifier = _identifier(random)
+    while identifier == avoid_identifier:
+        identifier = _identifier(random)
+    encrypted = EncryptedMasterSecret.from_master_secret(
+        master_secret=bytes(secret),
+        passphrase=b"",
+        identifier=identifier,
+        extendable=True,
+        iteration_exponent=ITERATION_EXPONENT,
     )
-    mnemonics = groups[0]
-    first = Share.from_mnemonic(mnemonics[0])
+    try:
+        grouped = split_ems(group_threshold, list(groups), encrypted)
+    except ValueError as exc:
+        raise InvalidRequestError(f"SLIP-39 refuses these groups: {exc}") from None
+    mnemonics = [share.mnemonic() for group in grouped for share in group]
     descriptor = ShareSetDescriptor(
-        identifier=first.identifier,
-        extendable=first.extendable,
-        iteration_exponent=first.iteration_exponent,
-        group_threshold=1,
-        groups=((threshold, shares),),
+        identifier=identifier,
+        extendable=encrypted.extendable,
+        iteration_exponent=ITERATION_EXPONENT,
+        group_threshold=group_threshold,
+        groups=tuple((int(t), int(n)) for t, n in groups),
         verifier=root_verifier(secret),
         created_at=now,
+        generation=generation,
     )
     return mnemonics, descriptor
+
+
+def _identifier(random: RandomSource | None) -> int:
+    raw = random.bytes(2) if random is not None else secrets.token_bytes(2)
+    return int.from_bytes(raw, "big") & ((1 << _IDENTIFIER_BITS) - 1)
 
 
 def parse_share(mnemonic: str) -> Share:

@@ -51,8 +51,11 @@ class KeyBackend(Protocol):
     Implementations serialise their own calls where the library requires it.
     """
 
-    def open(self, pin: bytearray) -> None:
-        """Log in; called on unseal. ``pin`` is wiped by the caller afterwards."""
+    def open(self, secret: bytearray, /) -> None:
+        """Log in; called on unseal. ``secret`` is wiped by the caller afterwards.
+
+        The PKCS#11 user PIN, or a transit backend's credential (``hsm.transit_backend``).
+        """
         ...
 
     def close(self) -> None:
@@ -72,8 +75,12 @@ class KeyBackend(Protocol):
         """Every key handle this backend holds for the service (for crash reconciliation)."""
         ...
 
-    def encrypt(self, handle: bytes, nonce: bytes, aad: bytes, plaintext: bytes) -> bytes:
-        """AES-256-GCM; returns ciphertext || 16-byte tag."""
+    def encrypt(self, handle: bytes, aad: bytes, plaintext: bytes) -> tuple[bytes, bytes]:
+        """AES-256-GCM; returns (12-byte nonce, ciphertext || 16-byte tag).
+
+        The backend picks the nonce because transit always picks its own; every backend must
+        take it from a CSPRNG, never a counter it could repeat after a restart.
+        """
         ...
 
     def decrypt(self, handle: bytes, nonce: bytes, aad: bytes, ciphertext: bytes) -> bytes:

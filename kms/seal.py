@@ -12,17 +12,29 @@ import threading
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
+from kms import keyring, rekey
 from kms.audit import keyed_hash
 from kms.custody import ShareCollector, ShareSetDescriptor, split_secret, validate_quorum
 from kms.derivation import ROOT_SECRET_BYTES, RootKeys, wipe
-from kms.errors import ConflictError, InvalidRequestError, NotInitializedError, SealedError
+from kms.errors import (
+    BackendError,
+    ConflictError,
+    EkmsError,
+    InvalidRequestError,
+    NotInitializedError,
+    SealedError,
+)
+from kms.ports import CustodyStore
+from kms.rekey import Phase, Rekey, RekeyPlan, RekeyStatus, ShareMember
 from kms.root_generation import RootGeneration, RootGenerationStatus
+from kms.share_check import commitments
 from kms.tokens import ROOT_POLICY, IssuedToken, issue_token
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
-    from kms.ports import Clock, CustodyStore, KeyBackend, RandomSource, TokenStore
+    from kms.ports import Clock, KeyBackend, RandomSource, TokenStore
+    from kms.rekey import PinChanger, RekeyStore
 
 DEFAULT_UNSEAL_TIMEOUT = 600.0
 
@@ -31,6 +43,18 @@ class TokenProvisioner(Protocol):
     """Takes ownership of the HSM token at init: afterwards only the derived PINs open it."""
 
     def take_ownership(self, user_pin: str, so_pin: str) -> None: ...
+
+
+class InitStore(CustodyStore, Protocol):
+    """``CustodyStore`` whose init also records the set's members (their share commitments)."""
+
+    def complete_initialisation(
+        self,
+        descriptor: ShareSetDescriptor,
+        root_token_hash: bytes,
+        token_id: str,
+        members: Sequence[ShareMember] = (),
+    ) -> None: ...
 
 
 @dataclass(frozen=True, repr=False)
@@ -58,7 +82,7 @@ def initialise(
     *,
     threshold: int,
     shares: int,
-    store: CustodyStore,
+    store: InitStore,
     provisioner: TokenProvisioner,
     clock: Clock,
     random: RandomSource,
@@ -81,7 +105,8 @@ def initialise(
         mnemonics, descriptor = split_secret(secret, threshold, shares, now=now)
         provisioner.take_ownership(keys.pin_text(keys.hsm_user_pin), keys.pin_text(keys.hsm_so_pin))
         token = issue_token(random, root_token)
-        store.complete_initialisation(descriptor, token.token_hash, token.token_id)
+        members = [ShareMember(m, c) for m, c in commitments(mnemonics).items()]
+        store.complete_initialisation(descriptor, token.token_hash, token.token_id, members)
     except BaseException:
         store.abandon_initialisation()
         raise
@@ -122,6 +147,28 @@ class Barrier:
             finally:
                 wipe(pin)
             self._keys = keys
+
+    def replace(self, keys: RootKeys) -> None:
+        """Take the keys of a share set that replaced the current one, without logging out.
+
+        The HSM session stays logged in across the PIN change (a login outlives it); only the
+        keys kept for later (the PINs for the next login, the barrier and domain keys) change.
+        """
+        with self._lock:
+            old = self._keys
+            if old is None:
+                keys.wipe()
+                return
+            self._keys = keys
+            # Not the audit HMAC key: it has the same value in both, and a request that read
+            # the old object a moment ago may be hashing with it right now.
+            for part in (
+                old.hsm_user_pin,
+                old.hsm_so_pin,
+                old.barrier_key,
+                old.domain_wrapping_key,
+            ):
+                wipe(part)
 
     def close(self) -> None:
         with self._lock:
@@ -176,6 +223,10 @@ class Custodian:
         tokens: TokenStore,
         random: RandomSource,
         timeout: float = DEFAULT_UNSEAL_TIMEOUT,
+        rekeys: RekeyStore | None = None,
+        pins: PinChanger | None = None,
+        rekeyed: Callable[[RootKeys], None] | None = None,
+        allow_single_share: bool = False,
     ) -> None:
         self._store = store
         self._clock = clock
@@ -184,18 +235,27 @@ class Custodian:
         self._tokens = tokens
         self._random = random
         self._timeout = timeout
+        self._rekeys = rekeys
+        self._pins = pins
+        self._rekeyed = rekeyed
+        self._allow_single_share = allow_single_share
         self._lock = threading.Lock()
         self._collector: ShareCollector | None = None
         self._descriptor: ShareSetDescriptor | None = None
         self._unsealed = False
         self._root: RootGeneration | None = None
+        self._rekey: Rekey | None = None
 
     def _load(self) -> ShareSetDescriptor | None:
         if self._descriptor is None:
-            self._descriptor = self._store.get_share_set()
-            if self._descriptor is not None:
-                self._collector = ShareCollector(self._descriptor, self._clock, self._timeout)
+            self._set_descriptor(self._store.get_share_set())
         return self._descriptor
+
+    def _set_descriptor(self, descriptor: ShareSetDescriptor | None) -> None:
+        self._descriptor = descriptor
+        self._collector = (
+            None if descriptor is None else ShareCollector(descriptor, self._clock, self._timeout)
+        )
 
     def _status(self, member: str | None = None) -> SealStatus:
         descriptor = self._load()
@@ -218,18 +278,51 @@ class Custodian:
 
     def submit(self, mnemonic: str) -> SealStatus:
         with self._lock:
-            if self._load() is None or self._collector is None:
-                raise NotInitializedError
             if self._unsealed:
                 raise ConflictError("Vault is already unsealed")
+            if self._collector is not None and self._collector.progress == 0:
+                self._descriptor = None  # a new attempt reads the set in force (another node
+                # may have rekeyed since)
+            descriptor = self._load()
+            if descriptor is None or self._collector is None:
+                raise NotInitializedError
             progress = self._collector.submit(mnemonic)
             if progress.secret is None:
                 return self._status(progress.member)
-            keys = RootKeys.derive(progress.secret)
-            wipe(progress.secret)
+            try:
+                keys = self._unlock(descriptor, progress.secret)
+            finally:
+                wipe(progress.secret)
             self._opener(keys)
             self._unsealed = True
             return self._status(progress.member)
+
+    def _unlock(self, descriptor: ShareSetDescriptor, secret: bytearray) -> RootKeys:
+        """The working keys of the set in force; first finishes a rekey commit left pending.
+
+        A crash after a commit's first step leaves the old set in force and a pending row; the
+        old quorum that unseals now carries the commit to its end (docs/adr/0010).
+        """
+        keys = keyring.unlock(descriptor, secret)
+        if self._rekeys is None or self._pins is None:
+            return keys
+        try:
+            rolled = rekey.roll_forward(self._rekeys, self._pins, descriptor, keys)
+        except EkmsError as exc:
+            keys.wipe()
+            raise BackendError(
+                f"the quorum is right, but finishing an interrupted rekey failed: {exc}. The "
+                "node stays sealed; unseal again with the same shares to retry"
+            ) from exc
+        except BaseException:
+            keys.wipe()
+            raise
+        if rolled is None:
+            return keys
+        keys.wipe()
+        new_descriptor, new_keys = rolled
+        self._set_descriptor(new_descriptor)
+        return new_keys
 
     def reset(self) -> SealStatus:
         with self._lock:
@@ -246,6 +339,7 @@ class Custodian:
             if self._collector is not None:
                 self._collector.reset()
             self._drop_root_generation()
+            self._drop_rekey()
             return self._status()
 
     # --- generate-root ------------------------------------------------------------------------
@@ -256,7 +350,21 @@ class Custodian:
             raise NotInitializedError
         if not self._unsealed:
             raise SealedError
-        return descriptor
+        return self._in_force(descriptor)
+
+    def _in_force(self, descriptor: ShareSetDescriptor) -> ShareSetDescriptor:
+        """The set in force now: another node sharing the store may have rekeyed since.
+
+        Shares collected for the replaced set must count for nothing, so attempts begun for it
+        (generate-root, rekey) are dropped.
+        """
+        current = self._store.get_share_set()
+        if current is None or current == descriptor:
+            return descriptor
+        self._set_descriptor(current)
+        self._drop_root_generation()
+        self._drop_rekey()
+        return current
 
     def _current_root_generation(self) -> RootGeneration | None:
         if self._root is not None and self._root.expired:
@@ -336,3 +444,154 @@ class Custodian:
             descriptor = self._require_unsealed()
             self._drop_root_generation()
             return RootGenerationStatus(started=False, required=descriptor.shares_needed)
+
+    # --- rekey ------------------------------------------------------------------------------
+
+    def _current_rekey(self) -> Rekey | None:
+        if self._rekey is not None and self._rekey.expired:
+            self._drop_rekey()
+        return self._rekey
+
+    def _drop_rekey(self) -> None:
+        attempt, self._rekey = self._rekey, None
+        if attempt is not None:
+            attempt.wipe()
+
+    def _require_rekey(self) -> Rekey:
+        self._require_unsealed()
+        if self._rekeys is None or self._pins is None:
+            raise InvalidRequestError("rekey is not available on this node")
+        attempt = self._current_rekey()
+        if attempt is None:
+            raise InvalidRequestError("no rekey in progress: start one with PUT sys/rekey/init")
+        if attempt.phase is Phase.COMMITTING:
+            self._finish_commit(attempt)  # an earlier commit failed after its first step: retry
+            raise ConflictError("the rekey is complete: the new share set is in force")
+        return attempt
+
+    def rekey_status(self) -> RekeyStatus:
+        with self._lock:
+            descriptor = self._require_unsealed()
+            attempt = self._current_rekey()
+            if attempt is None:
+                return RekeyStatus(
+                    started=False,
+                    t=descriptor.shares_needed,
+                    n=descriptor.share_count,
+                    required=descriptor.shares_needed,
+                    group_threshold=descriptor.group_threshold,
+                    groups=descriptor.groups,
+                )
+            if attempt.phase is Phase.COMMITTING:
+                self._finish_commit(attempt)
+                return RekeyStatus(started=False, complete=True, new_set=attempt.status().new_set)
+            return attempt.status()
+
+    def start_rekey(self, plan: RekeyPlan) -> RekeyStatus:
+        """Start an attempt with a new nonce; the old set stays in force until it commits."""
+        with self._lock:
+            descriptor = self._require_unsealed()
+            if self._rekeys is None or self._pins is None:
+                raise InvalidRequestError("rekey is not available on this node")
+            if self._current_rekey() is not None:
+                raise ConflictError(
+                    "a rekey is already in progress: cancel it first (DELETE sys/rekey/init)"
+                )
+            if self._rekeys.pending_rekey() is not None:
+                raise ConflictError(
+                    "a rekey commit is pending from an interrupted attempt: seal, then unseal "
+                    "with the current shares to finish it"
+                )
+            if not self._allow_single_share:
+                RekeyPlan.of(
+                    group_threshold=plan.group_threshold,
+                    groups=plan.groups,
+                    holders=[(p, dict(items)) for p, items in plan.holders],
+                )
+            self._rekey = Rekey(
+                descriptor=descriptor,
+                plan=plan,
+                clock=self._clock,
+                random=self._random,
+                timeout=self._timeout,
+            )
+            return self._rekey.status()
+
+    def submit_rekey_share(self, mnemonic: str, nonce: str) -> RekeyStatus:
+        """A current share; the last one returns the new shares (once) for verification."""
+        with self._lock:
+            attempt = self._require_rekey()
+            progress = attempt.submit(mnemonic, nonce)
+            if progress.secret is None:
+                return attempt.status(member=progress.member)
+            try:
+                issued = attempt.issue(progress.secret, now=self._clock.now())
+            except BaseException:
+                self._drop_rekey()
+                raise
+            finally:
+                wipe(progress.secret)
+            return replace(issued, member=progress.member)
+
+    def reset_rekey_verification(self) -> RekeyStatus:
+        with self._lock:
+            attempt = self._require_rekey()
+            attempt.reset_verification()
+            return attempt.status()
+
+    def submit_rekey_verification(self, mnemonic: str, nonce: str) -> RekeyStatus:
+        """A new share; once the new set's quorum is in, the new set is committed."""
+        with self._lock:
+            attempt = self._require_rekey()
+            progress = attempt.verify(mnemonic, nonce)
+            if progress.secret is None:
+                return attempt.status(member=progress.member)
+            wipe(progress.secret)  # the collector checked it against the new set's verifier
+            status = attempt.status(member=progress.member)
+            assert self._rekeys is not None
+            assert self._pins is not None
+            pending = attempt.pending_commit(now=self._clock.now())
+            try:
+                self._rekeys.begin_rekey_commit(pending)
+            except BaseException:
+                self._drop_rekey()  # nothing was written: the old set stays, alone
+                raise
+            self._finish_commit(attempt)
+            return replace(status, complete=True, verification_progress=status.t)
+
+    def _finish_commit(self, attempt: Rekey) -> None:
+        """Steps (2) and (3); on failure the attempt stays, to be retried, and the row too."""
+        assert self._rekeys is not None
+        assert self._pins is not None
+        assert attempt.new_descriptor is not None
+        pending = attempt.pending_commit(now=self._clock.now())
+        try:
+            rekey.finish(self._rekeys, self._pins, pending, attempt.old_keys, attempt.new_keys)
+        except EkmsError as exc:
+            raise BackendError(
+                f"the new share set is verified, but its commit was interrupted: {exc}. Until "
+                "it completes the current shares stay in force; it completes at the next "
+                "rekey call (GET sys/rekey/init) or the next unseal with the current shares"
+            ) from exc
+        self._set_descriptor(attempt.new_descriptor)
+        self._drop_root_generation()  # its shares are of the replaced set
+        if self._rekeyed is not None:
+            self._rekeyed(RootKeys.from_bytes(attempt.new_keys.to_bytes()))
+        self._drop_rekey()
+
+    def cancel_rekey(self) -> RekeyStatus:
+        """Drop the attempt and its new shares; the current set was never touched."""
+        with self._lock:
+            descriptor = self._require_unsealed()
+            attempt = self._current_rekey()
+            if attempt is not None and attempt.phase is Phase.COMMITTING:
+                raise ConflictError(
+                    "the new share set is verified and being committed: it cannot be cancelled"
+                )
+            self._drop_rekey()
+            return RekeyStatus(
+                started=False,
+                t=descriptor.shares_needed,
+                n=descriptor.share_count,
+                required=descriptor.shares_needed,
+            )

@@ -256,13 +256,13 @@ class KeyService:
     ) -> tuple[str, int]:
         self._require_symmetric(policy, "encryption")
         key_version = policy.version_for_encryption(version)
-        nonce = self._random.bytes(NONCE_BYTES)
         aad = transit_aad(policy.name, key_version.number, context)
         if policy.residency is Residency.MEMORY:
+            nonce = self._random.bytes(NONCE_BYTES)
             sealed = self._working_key(policy, key_version).encrypt(nonce, plaintext, aad)
         else:
             self._barrier.require_open()
-            sealed = self._backend.encrypt(key_version.handle, nonce, aad, plaintext)
+            nonce, sealed = self._backend.encrypt(key_version.handle, aad, plaintext)
         return format_ciphertext(key_version.number, nonce, sealed), key_version.number
 
     def decrypt(self, policy: KeyPolicy, ciphertext: object, context: bytes) -> tuple[bytes, int]:
@@ -385,9 +385,8 @@ class KeyService:
     def _wrap_working_key(self, name: str, version: KeyVersion) -> bytes:
         key = bytearray(self._random.bytes(32))
         try:
-            nonce = self._random.bytes(NONCE_BYTES)
-            sealed = self._backend.encrypt(
-                version.handle, nonce, working_key_aad(name, version.number), bytes(key)
+            nonce, sealed = self._backend.encrypt(
+                version.handle, working_key_aad(name, version.number), bytes(key)
             )
         finally:
             wipe(key)

@@ -8,6 +8,7 @@ from sqlalchemy import (
     Column,
     Float,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -204,5 +205,52 @@ review_campaigns = Table(
     Column("state", String(16), nullable=False),
     Column("opened_at", Float, nullable=False, index=True),
     Column("version", Integer, nullable=False),
+    Column("body", Text, nullable=False),
+)
+
+# Custody lifecycle (migration 0007). Per member of a share set (SLIP-39 identifier and
+# generation): its share-check commitment, an Ed25519 public key derived from the share
+# (kms.share_check; nothing the share can be computed from), and the principal holding it when
+# known. Sets made before 0007 have no rows. A rekey's pending commit is the meta row
+# "rekey_commit" (kms.rekey.PendingCommit), its new members written here in the same transaction.
+share_members = Table(
+    "share_members",
+    metadata,
+    Column("set_identifier", Integer, primary_key=True, autoincrement=False),
+    Column("set_generation", Integer, primary_key=True, autoincrement=False),
+    Column("member", String(8), primary_key=True),
+    Column("commitment", LargeBinary(32), nullable=True),
+    Column("holder", String(64), nullable=True),
+    Column("created_at", Float, nullable=False),
+)
+
+# Successful share checks; a drill check-in names its drill and the official logged in.
+share_checks = Table(
+    "share_checks",
+    metadata,
+    Column("id", SEQ, primary_key=True, autoincrement=True),
+    Column("set_identifier", Integer, nullable=False),
+    Column("set_generation", Integer, nullable=False),
+    Column("member", String(8), nullable=False),
+    Column("at", Float, nullable=False),
+    Column("official", String(64), nullable=True),
+    Column("drill_id", String(64), nullable=True),
+    Index("ix_share_checks_set", "set_identifier", "set_generation"),
+)
+
+# One-time share-check challenges by their SHA-256, deleted when spent; expired ones are swept.
+share_challenges = Table(
+    "share_challenges",
+    metadata,
+    Column("id", LargeBinary(32), primary_key=True),
+    Column("expires_at", Float, nullable=False, index=True),
+)
+
+# Share-health drills: ``body`` is kms.drill.Drill.to_json().
+drills = Table(
+    "drills",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("started_at", Float, nullable=False, index=True),
     Column("body", Text, nullable=False),
 )

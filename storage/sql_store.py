@@ -28,16 +28,19 @@ from kms.approvals import Approval, Proposal, ProposalKind, ProposalState, Verdi
 from kms.audit import Refusal
 from kms.audit_export import TreeHead
 from kms.custody import ShareSetDescriptor
+from kms.drill import Check, Drill
 from kms.errors import ConflictError, InvalidRequestError, StorageError
 from kms.identity import Principal, Role
 from kms.keys import Classification, KeyPolicy, KeyType, KeyVersion, Residency, VersionState
 from kms.merkle import HASH_SIZE, CompactRange, leaf_hash
+from kms.rekey import PendingCommit, ShareMember
 from kms.review import Campaign
 from kms.review_service import LastOfficerError
 from storage.schema import (
     approvals,
     audit_heads,
     audit_log,
+    drills,
     emergencies,
     generation,
     issued_tokens,
@@ -46,6 +49,9 @@ from storage.schema import (
     principals,
     proposals,
     review_campaigns,
+    share_challenges,
+    share_checks,
+    share_members,
     tokens,
     transit_keys,
 )
@@ -54,6 +60,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
     from kms.audit import Admission, AuditRecord
+    from kms.keyring import SetName
 
 log = logging.getLogger("ekms.storage")
 K = TypeVar("K")
@@ -306,7 +313,11 @@ class SqlStore:
             raise StorageError("metadata store unavailable") from exc
 
     def complete_initialisation(
-        self, descriptor: ShareSetDescriptor, root_token_hash: bytes, token_id: str
+        self,
+        descriptor: ShareSetDescriptor,
+        root_token_hash: bytes,
+        token_id: str,
+        members: Sequence[ShareMember] = (),
     ) -> None:
         now = time.time()
         with self._engine.begin() as conn:
@@ -316,6 +327,7 @@ class SqlStore:
                     name="share_set", value=json.dumps(descriptor.to_json()), updated_at=now
                 )
             )
+            _insert_members(conn, (descriptor.identifier, descriptor.generation), members, now)
             conn.execute(
                 update(meta)
                 .where(meta.c.name == "init")
@@ -333,6 +345,159 @@ class SqlStore:
     def abandon_initialisation(self) -> None:
         with self._engine.begin() as conn:
             conn.execute(delete(meta).where(meta.c.name == "init"))
+
+    # --- custody lifecycle: rekey commit, members, share checks, drills -------------------
+
+    def pending_rekey(self) -> PendingCommit | None:
+        value = self._meta("rekey_commit")
+        if value is None:
+            return None
+        pending = PendingCommit.from_json(value)
+        return replace(pending, members=tuple(self.share_members(pending.target)))
+
+    def begin_rekey_commit(self, pending: PendingCommit) -> None:
+        """Step (1) of a rekey commit: the row and the new set's members, in one transaction."""
+        now = time.time()
+        try:
+            with self._engine.begin() as conn:
+                conn.execute(
+                    insert(meta).values(
+                        name="rekey_commit", value=json.dumps(pending.to_json()), updated_at=now
+                    )
+                )
+                _insert_members(conn, pending.target, pending.members, now)
+        except IntegrityError:
+            raise ConflictError("a rekey commit is already pending") from None
+        except SQLAlchemyError as exc:
+            raise StorageError("metadata store unavailable") from exc
+
+    def finish_rekey_commit(self, pending: PendingCommit) -> None:
+        """Step (3): the new set in force and the row gone, together; repeatable."""
+        now = time.time()
+        try:
+            with self._engine.begin() as conn:
+                row = conn.execute(
+                    select(meta.c.value).where(meta.c.name == "rekey_commit")
+                ).first()
+                if row is None:
+                    current = conn.execute(
+                        select(meta.c.value).where(meta.c.name == "share_set")
+                    ).scalar_one()
+                    if ShareSetDescriptor.from_json(json.loads(current)) != pending.descriptor:
+                        raise StorageError(
+                            "the rekey commit row is gone but its share set is not in force"
+                        )
+                    return
+                if PendingCommit.from_json(json.loads(row[0])).target != pending.target:
+                    raise StorageError("the pending rekey commit is for another share set")
+                conn.execute(
+                    update(meta)
+                    .where(meta.c.name == "share_set")
+                    .values(value=json.dumps(pending.descriptor.to_json()), updated_at=now)
+                )
+                conn.execute(delete(meta).where(meta.c.name == "rekey_commit"))
+                self._bump(conn)
+        except SQLAlchemyError as exc:
+            raise StorageError("metadata store unavailable") from exc
+
+    def share_members(self, name: SetName) -> list[ShareMember]:
+        identifier, generation = name
+        with self._reading() as conn:
+            rows = conn.execute(
+                select(share_members.c.member, share_members.c.commitment, share_members.c.holder)
+                .where(share_members.c.set_identifier == identifier)
+                .where(share_members.c.set_generation == generation)
+                .order_by(share_members.c.member)
+            ).all()
+        return [ShareMember(str(r[0]), None if r[1] is None else bytes(r[1]), r[2]) for r in rows]
+
+    def claim_holder(self, name: SetName, member: str, principal: str) -> None:
+        """Record who holds a member, unless someone is recorded already."""
+        identifier, generation = name
+        with self._writing() as conn:
+            conn.execute(
+                update(share_members)
+                .where(share_members.c.set_identifier == identifier)
+                .where(share_members.c.set_generation == generation)
+                .where(share_members.c.member == member)
+                .where(share_members.c.holder.is_(None))
+                .values(holder=principal)
+            )
+
+    def issue_challenge(self, id_hash: bytes, expires_at: float, now: float, limit: int) -> bool:
+        """Store a one-time challenge; False if ``limit`` unexpired ones are outstanding."""
+        with self._writing() as conn:
+            conn.execute(delete(share_challenges).where(share_challenges.c.expires_at < now))
+            outstanding = conn.execute(
+                select(func.count()).select_from(share_challenges)
+            ).scalar_one()
+            if outstanding >= limit:
+                return False
+            conn.execute(insert(share_challenges).values(id=id_hash, expires_at=expires_at))
+        return True
+
+    def spend_challenge(self, id_hash: bytes, now: float) -> bool:
+        """Consume a challenge in a transaction of its own; False if unknown, spent or expired."""
+        try:
+            with self._engine.begin() as conn:
+                deleted = conn.execute(
+                    delete(share_challenges)
+                    .where(share_challenges.c.id == id_hash)
+                    .where(share_challenges.c.expires_at >= now)
+                ).rowcount
+        except SQLAlchemyError as exc:
+            raise StorageError("metadata store unavailable") from exc
+        return deleted == 1
+
+    def record_share_check(self, name: SetName, check: Check) -> None:
+        identifier, generation = name
+        with self._writing() as conn:
+            conn.execute(
+                insert(share_checks).values(
+                    set_identifier=identifier,
+                    set_generation=generation,
+                    member=check.member,
+                    at=check.at,
+                    official=check.official,
+                    drill_id=check.drill,
+                )
+            )
+
+    def share_checks(self, name: SetName) -> list[Check]:
+        identifier, generation = name
+        with self._reading() as conn:
+            rows = conn.execute(
+                select(
+                    share_checks.c.member,
+                    share_checks.c.at,
+                    share_checks.c.official,
+                    share_checks.c.drill_id,
+                )
+                .where(share_checks.c.set_identifier == identifier)
+                .where(share_checks.c.set_generation == generation)
+                .order_by(share_checks.c.id)
+            ).all()
+        return [Check(str(r[0]), float(r[1]), r[2], r[3]) for r in rows]
+
+    def insert_drill(self, drill: Drill) -> None:
+        with self._writing() as conn:
+            conn.execute(
+                insert(drills).values(
+                    id=drill.id, started_at=drill.started_at, body=json.dumps(drill.to_json())
+                )
+            )
+
+    def drill(self, drill_id: str) -> Drill | None:
+        with self._reading() as conn:
+            body = conn.execute(select(drills.c.body).where(drills.c.id == drill_id)).scalar()
+        return None if body is None else Drill.from_json(json.loads(body))
+
+    def list_drills(self, limit: int = 100) -> list[Drill]:
+        with self._reading() as conn:
+            rows = conn.execute(
+                select(drills.c.body).order_by(drills.c.started_at.desc()).limit(limit)
+            ).all()
+        return [Drill.from_json(json.loads(r[0])) for r in rows]
 
     # --- tokens ---------------------------------------------------------------------------
 
@@ -1167,6 +1332,26 @@ class SqlStore:
         except SQLAlchemyError as exc:
             raise StorageError("metadata store unavailable") from exc
         return inserted == 1
+
+
+def _insert_members(conn: Any, name: SetName, members: Sequence[ShareMember], now: float) -> None:
+    if not members:
+        return
+    identifier, generation = name
+    conn.execute(
+        insert(share_members),
+        [
+            {
+                "set_identifier": identifier,
+                "set_generation": generation,
+                "member": m.member,
+                "commitment": m.commitment,
+                "holder": m.holder,
+                "created_at": now,
+            }
+            for m in members
+        ],
+    )
 
 
 def _compact_range(size: int, tree_bytes: bytes) -> CompactRange:
