@@ -12,6 +12,7 @@ from kms.errors import (
     AuditError,
     AuthenticationError,
     BackendError,
+    ConflictError,
     EkmsError,
     InvalidRequestError,
     NotFoundError,
@@ -47,7 +48,16 @@ class MethodNotAllowedError(InvalidRequestError):
     pass
 
 
-def status_for(error: EkmsError) -> int:
+# Paths of this service's own API, where a request that clashes with the current state (a
+# decided proposal, a closed campaign) answers 409, so a client can tell "read it again" from
+# "fix your request". Vault-shaped paths (sys/, transit/, auth/) answer 400 there, as Vault does
+# ("Vault is already initialized"), so that hvac and the bao CLI see what they expect.
+EKMS_PREFIX = "/v1/ekms/"
+
+
+def status_for(error: EkmsError, path: str = "") -> int:
+    if isinstance(error, ConflictError) and path.startswith(EKMS_PREFIX):
+        return 409
     if isinstance(error, PayloadTooLargeError):
         return 413
     if isinstance(error, MethodNotAllowedError):

@@ -226,7 +226,7 @@ class Handler:
             data = await self.read_json(request) if body else {}
             status, payload = work(call, data)
         except EkmsError as exc:
-            status = status_for(exc)
+            status = status_for(exc, call.path)
             decision = "deny" if isinstance(exc, (PermissionDeniedError, SealedError)) else "error"
             reason = exc.reason if isinstance(exc, PermissionDeniedError) else str(exc)
             payload = {"errors": [str(exc)]}

@@ -2,8 +2,8 @@
 
 Thin on purpose: each route parses, calls ``kms.review_service.ReviewService`` and renders. A
 state conflict (a closed campaign, an item already decided, a period over, a close that would
-lock every security officer out, a race lost twice) answers 409 rather than the 400 Vault's
-shapes give elsewhere, so that a client can tell "read it again" from "fix your request".
+lock every security officer out, a race lost twice) answers 409, as on every ``/v1/ekms/`` path
+(``api.errors.status_for``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from api.http import Body, Call, Handler, Work, envelope, parse_model
-from kms.errors import ConflictError, InvalidRequestError
+from kms.errors import InvalidRequestError
 from kms.review import SECTIONS, report_to_csv, report_to_json
 from kms.review_service import ReportQuery
 
@@ -56,19 +56,6 @@ def _check_params(query: Mapping[str, str], allowed: frozenset[str]) -> None:
     unknown = sorted(set(query) - allowed)
     if unknown:
         raise InvalidRequestError(f"unknown query parameter {unknown[0]!r}")
-
-
-def _conflicts_as_409(work: Work) -> Work:
-    """A ``ConflictError`` answers 409 with its message; the audit record keeps it in details."""
-
-    def wrapped(call: Call, data: dict[str, Any]) -> tuple[int, Any]:
-        try:
-            return work(call, data)
-        except ConflictError as exc:
-            call.details["conflict"] = str(exc)
-            return 409, {"errors": [str(exc)]}
-
-    return wrapped
 
 
 def parse_report_params(
@@ -154,7 +141,7 @@ def build_router(handler: Handler) -> APIRouter:  # noqa: C901 - one closure per
 
     async def run(request: Request, operation: str, work: Work, **options: Any) -> Response:
         return await handler.run(
-            request, operation, _conflicts_as_409(work), root_only=False, **options
+            request, operation, work, root_only=False, **options
         )
 
     @router.get("/report")

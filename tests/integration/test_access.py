@@ -270,7 +270,7 @@ def test_approval_rules(world: World) -> None:
     assert moved.status_code == 401
     # Deciding twice.
     assert world.approve(world.officials[0], request).status_code == 200
-    assert world.approve(world.officials[0], request).status_code == 400
+    assert world.approve(world.officials[0], request).status_code == 409
     # A deny vetoes.
     denied = world.approve(world.officials[1], request, "deny").json()["data"]
     assert denied["state"] == "denied"

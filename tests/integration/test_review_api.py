@@ -318,7 +318,8 @@ def test_campaign_from_open_to_close(review: Review) -> None:
     closes = review.audit("review.campaign.close")
     assert closes[0]["details"]["suspended"] == ["officer-2", "operator"]
     assert closes[1]["status"] == 409
-    assert "closed" in closes[1]["details"]["conflict"]
+    assert closes[1]["decision"] == "error"
+    assert "closed" in closes[1]["reason"]
     assert review.audit("review.campaign.read")
     assert review.audit("review.campaign.list")
 

@@ -148,7 +148,7 @@ def test_a_set_made_before_share_checks_says_so(custody: Custody) -> None:
     with runtime.store._engine.begin() as conn:
         conn.execute(delete(share_members))
     answer = custody.call("GET", "ekms/shares/challenge")
-    assert answer.status_code == 400
+    assert answer.status_code == 409
     assert "made before share checks existed" in answer.json()["errors"][0]
     assert "rekey" in answer.json()["errors"][0]
     with runtime.store._engine.begin() as conn:
@@ -213,7 +213,7 @@ def test_drill_report_states_and_quorum(custody: Custody) -> None:
     assert middle["members"][0]["confirmed_by"] == "official-0"
 
     not_theirs = world.call("POST", path, official[1], body=prove(custody, shares[0]))
-    assert not_theirs.status_code == 400
+    assert not_theirs.status_code == 409
     assert "recorded as held by official-0" in not_theirs.json()["errors"][0]
     world.call("POST", path, official[1], body=prove(custody, shares[1])).raise_for_status()
     after = report()
