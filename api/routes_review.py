@@ -140,9 +140,7 @@ def build_router(handler: Handler) -> APIRouter:  # noqa: C901 - one closure per
         return runtime.review
 
     async def run(request: Request, operation: str, work: Work, **options: Any) -> Response:
-        return await handler.run(
-            request, operation, work, root_only=False, **options
-        )
+        return await handler.run(request, operation, work, root_only=False, **options)
 
     @router.get("/report")
     async def report(request: Request) -> Response:

@@ -165,7 +165,7 @@ def test_a_set_made_before_share_checks_says_so(custody: Custody) -> None:
         "proof": b64url_encode(proof.proof),
     }
     refused = check(custody, body)
-    assert refused.status_code == 400
+    assert refused.status_code == 409
     assert "made before share checks existed" in refused.json()["errors"][0]
 
 
@@ -234,7 +234,7 @@ def test_drill_report_states_and_quorum(custody: Custody) -> None:
     late = world.call(
         "POST", "ekms/drills/closed-1/check-in", official[2], body=prove(custody, shares[2])
     )
-    assert late.status_code == 400
+    assert late.status_code == 409
     assert "closed at its deadline" in late.json()["errors"][0]
     assert custody.call("POST", "ekms/drills", officer, duration=10).status_code == 400
     both = custody.call("POST", "ekms/drills", officer, duration=3600, deadline=now + 60)
