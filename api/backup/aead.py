@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO, cast
 from api.backup.archive import DATA_KEY_BYTES, IntegrityError, UsageError
 
 if TYPE_CHECKING:
+    from collections.abc import Generator
+
     from _typeshed import ReadableBuffer
 
 SEGMENT_BYTES = 1 << 20
@@ -97,6 +99,25 @@ class StreamCipher:
     def decrypting(self, source: BinaryIO, aad: bytes) -> BinaryIO:
         """Reads plaintext; a Tink error on read means the ciphertext is not authentic."""
         return cast("BinaryIO", self._primitive.new_decrypting_stream(source, aad))
+
+    def plaintext(
+        self, source: BinaryIO, aad: bytes, chunk: int = SEGMENT_BYTES
+    ) -> Generator[bytes, None, None]:
+        """The plaintext of ``source`` in pieces of at most ``chunk`` bytes.
+
+        ``source`` is closed at the end, or when the generator is closed part-way.
+
+        Read from Tink's raw decrypting stream, not through the ``io.BufferedReader`` Tink puts
+        around it: for reads of a segment that buffer only copies every byte once more, and it
+        cost the restore 15% of its CPU (ADR 0009). Give an unbuffered source
+        (``buffering=0``): Tink asks for 128 KiB at a time, which a buffer would copy too. A
+        Tink error while iterating means the ciphertext is not authentic.
+        """
+        buffered = self._primitive.new_decrypting_stream(source, aad)
+        raw = getattr(buffered, "raw", buffered)  # the reader must stay alive: it closes raw
+        with buffered:
+            while piece := raw.read(chunk):
+                yield piece
 
 
 class CountingWriter(io.RawIOBase):

@@ -45,7 +45,7 @@ from api.backup.archive import (
     validate_site,
     verify_signature,
 )
-from api.backup.work import ordered_map
+from api.backup.work import check_workers, ordered_map
 from kms.derivation import wipe
 
 if TYPE_CHECKING:
@@ -141,6 +141,7 @@ def seal(
     dataset = validate_dataset(options.dataset)
     site = validate_site(options.site)
     require_manifest_key(options.signing_key)
+    check_workers(options.workers)
     if out.exists() or out.is_symlink():
         raise UsageError(f"{out} already exists")
     partial = out.with_name(out.name + ".partial")

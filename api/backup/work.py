@@ -5,11 +5,22 @@ from __future__ import annotations
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, TypeVar
 
+from api.backup.archive import UsageError
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+MAX_WORKERS = 64  # more threads than that only queue for the GIL and for the disk
+
+
+def check_workers(workers: int) -> int:
+    """``--workers`` as given: 0 or a negative count is a typo, not a request for one thread."""
+    if not 1 <= workers <= MAX_WORKERS:
+        raise UsageError(f"--workers must be between 1 and {MAX_WORKERS}")
+    return workers
 
 
 def ordered_map(fn: Callable[[T], R], items: Sequence[T], workers: int) -> list[R]:

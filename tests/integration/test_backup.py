@@ -13,7 +13,9 @@ import base64
 import contextlib
 import hashlib
 import json
+import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -33,7 +35,7 @@ from api.backup.archive import (
     parse_manifest,
     parse_signature,
 )
-from api.backup.restore import RestoreOptions, restore
+from api.backup.restore import HASH_THREAD_MIN_BYTES, RestoreOptions, _Hasher, restore
 from api.backup.service import MachineSession, Service
 from api.cli import main
 from tests.integration.test_access import Party, World, file_restore, world  # noqa: F401
@@ -606,6 +608,74 @@ def test_existing_file_that_differs_is_not_overwritten(
     assert code == 2
     assert "refusing to overwrite" in err
     assert (target / "gazette" / "empty.txt").read_text() == "someone else's"
+
+
+# --- one large object: hashed in a second thread ----------------------------------------------
+
+
+def test_a_lone_large_object_borrows_the_idle_worker_and_keeps_every_check(
+    backup: Backup, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With nothing else to restore, the idle worker hashes the object while Tink decrypts its
+    next segment (ADR 0009): the AEAD, size and SHA-256 checks and the atomic write hold."""
+    src = backup.tmp / "dump"
+    src.mkdir()
+    content = os.urandom(HASH_THREAD_MIN_BYTES + 12_345)
+    (src / "registry.dump").write_bytes(content)
+    archive = backup.tmp / "dump.ekms"
+    assert backup.seal(capsys, src, archive)[0] == 0
+    manifest = parse_manifest((archive / MANIFEST_FILE).read_bytes())
+    (big,) = manifest.entries
+    lent: list[str] = []
+    in_thread = _Hasher.in_thread
+
+    def spy(hasher: _Hasher) -> None:
+        lent.append("lent")
+        in_thread(hasher)
+
+    monkeypatch.setattr(_Hasher, "in_thread", spy)
+    request = backup.approved(["laws"])
+
+    target = backup.tmp / "dump-out"
+    code, _, err = backup.restore(
+        capsys, archive, request["id"], "--to", str(target), "--workers", "2"
+    )
+    assert code == 0, err
+    assert tree(target) == {"registry.dump": content}
+    assert lent == ["lent"]
+    code, _, err = backup.restore(capsys, archive, request["id"], "--verify-only", "--workers", "1")
+    assert code == 0, err
+    assert lent == ["lent"]  # --workers 1 is one thread
+
+    def flip_a_byte_late(copy: Path) -> None:
+        path = copy / big.file
+        data = bytearray(path.read_bytes())
+        data[-100] ^= 0x01
+        path.write_bytes(bytes(data))
+
+    def sign_another_hash(copy: Path) -> None:
+        """The ciphertext is genuine and authenticates: only the content hash can tell."""
+        other = Entry(**{**big.__dict__, "sha256": hashlib.sha256(b"other").hexdigest()})
+        _resign(backup, copy, Manifest(**{**manifest.__dict__, "entries": (other,)}))
+
+    cases = (
+        (flip_a_byte_late, "ciphertext does not authenticate"),
+        (sign_another_hash, "content hash does not match the manifest"),
+    )
+    for n, (tamper, message) in enumerate(cases):
+        copy = _copy(archive, f"dump-{n}.ekms")
+        tamper(copy)
+        for extra in (("--to", str(backup.tmp / f"dump-bad-{n}")), ("--verify-only",)):
+            code, _, err = backup.restore(capsys, copy, request["id"], *extra, "--workers", "2")
+            assert code == 1, err
+            assert f"object registry.dump: {message}" in err
+        assert written(backup.tmp / f"dump-bad-{n}") == []
+    assert len(lent) == 1 + 2 * len(cases)
+    assert not [t for t in threading.enumerate() if t.name == "ekms-restore-hash"]
+
+    code, _, err = backup.restore(capsys, archive, request["id"], "--verify-only", "--workers", "0")
+    assert code == 2
+    assert "--workers must be between 1 and" in err
 
 
 # --- paths never escape --to -----------------------------------------------------------------

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import posixpath
+import threading
 from dataclasses import replace
 from typing import Any
 
@@ -42,6 +43,8 @@ from api.backup.archive import (
     verify_signature,
 )
 from api.backup.progress import render
+from api.backup.restore import _Capacity, _Hasher
+from api.backup.work import MAX_WORKERS, check_workers
 from kms.canonical import canonical_json
 
 ARCHIVE_ID = "0123456789abcdef0123456789abcdef"
@@ -400,6 +403,43 @@ def test_stream_round_trip_and_binding(tmp_path: Any, size: int) -> None:
             stream.read()
 
 
+@pytest.mark.parametrize("size", [0, 1, (1 << 20) - 56, 3 * (1 << 20) + 7])
+def test_plaintext_pieces_are_the_stream_and_close_the_source(tmp_path: Any, size: int) -> None:
+    """The restore's path (Tink's raw stream, no BufferedReader): same bytes, same checks."""
+    key = bytearray(os.urandom(32))
+    plaintext = os.urandom(size)
+    path = tmp_path / "object"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        _encrypt(key, plaintext, _aad(), fd)
+    finally:
+        os.close(fd)
+    ciphertext = path.read_bytes()
+    with path.open("rb", buffering=0) as source:
+        pieces = list(StreamCipher(key).plaintext(source, _aad()))
+        assert source.closed
+    assert b"".join(pieces) == plaintext
+    assert all(0 < len(p) <= 1 << 20 for p in pieces)
+
+    # Abandoned part-way (the restore stops at a size beyond the manifest's): closed too.
+    if size:
+        source = io.BytesIO(ciphertext)
+        pieces_iter = StreamCipher(key).plaintext(source, _aad())
+        next(pieces_iter)
+        pieces_iter.close()
+        assert source.closed
+
+    altered = bytearray(ciphertext)
+    altered[len(altered) // 2] ^= 1
+    for aad, data in (
+        (_aad(index=1), ciphertext),
+        (_aad(), bytes(altered)),
+        (_aad(), ciphertext[:-1]),
+    ):
+        with pytest.raises(tink_error()):
+            list(StreamCipher(key).plaintext(io.BytesIO(data), aad))
+
+
 def test_stream_cipher_needs_a_256_bit_key() -> None:
     with pytest.raises(IntegrityError):
         StreamCipher(bytearray(16))
@@ -416,3 +456,52 @@ def test_progress_line() -> None:
     assert "268 MB/s" in line
     assert "ETA 0:00:02" in line
     assert "ETA ?" in render("x", done=0, total=0, objects=0, total_objects=0, elapsed=0.0)
+
+
+# --- restore's work sharing: the hash thread and the idle workers it borrows ----------------
+
+
+@pytest.mark.parametrize("switch_at", [0, 1, 5, 9])
+def test_hasher_gives_the_same_digest_inline_and_in_a_thread(switch_at: int) -> None:
+    chunks = [os.urandom(n * 1000 + 1) for n in range(9)]
+    hasher = _Hasher()
+    for n, chunk in enumerate(chunks):
+        if n == switch_at:
+            hasher.in_thread()
+        hasher.update(chunk)
+    assert hasher.hexdigest() == hashlib.sha256(b"".join(chunks)).hexdigest()
+    hasher.stop()  # a second stop (the restore's finally) is harmless
+    assert not [t for t in threading.enumerate() if t.name == "ekms-restore-hash"]
+
+
+def test_hasher_thread_ends_when_the_object_fails_part_way() -> None:
+    """stop() in the restore's finally: a Tink error mid-object leaves no thread behind, even
+    with the queue full."""
+    hasher = _Hasher()
+    hasher.in_thread()
+    for _ in range(20):
+        hasher.update(b"x" * 4096)
+    hasher.stop()
+    assert not [t for t in threading.enumerate() if t.name == "ekms-restore-hash"]
+
+
+def test_capacity_lends_only_workers_that_will_never_get_an_object() -> None:
+    busy = _Capacity(workers=2, objects=4)
+    assert not busy.borrow()
+    busy.give_back()  # the first two objects finish; the last two are running
+    busy.give_back()
+    assert not busy.borrow()
+    busy.give_back()  # the third finishes: nothing left to start, its thread is idle for good
+    assert busy.borrow()
+    assert not busy.borrow()  # lent once, not twice
+
+    lone = _Capacity(workers=4, objects=1)
+    assert [lone.borrow() for _ in range(4)] == [True, True, True, False]
+    assert not _Capacity(workers=1, objects=1).borrow()  # --workers 1 means one thread
+
+
+@pytest.mark.parametrize("workers", [0, -1, MAX_WORKERS + 1])
+def test_workers_out_of_range_are_refused(workers: int) -> None:
+    with pytest.raises(UsageError, match="--workers must be between 1 and"):
+        check_workers(workers)
+    assert check_workers(MAX_WORKERS) == MAX_WORKERS
