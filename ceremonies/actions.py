@@ -19,7 +19,8 @@ Rules every action keeps:
 - **Safe to run again.** The runner may be killed at any moment and the step resumed. Before a
   change, record an event (``ctx.event``: written and fsync'd to the journal at once) naming
   what is about to happen; on resume, ``ctx.earlier`` holds the events of the interrupted
-  attempt, and the action compares them with the service's state before changing anything.
+  attempt, and the action compares them with the service's state before changing anything;
+  ``ctx.history()`` holds every step's events (a root token an earlier step lost, say).
 - **No secrets in events.** Never a share, token, OTP or private key: share member ids, the
   service's answers, and request ids only. Shares are read with ``ctx.term.secret`` and dropped
   after one request.
@@ -88,6 +89,7 @@ class Session:
     info: dict[str, Any]
     root_token: str | None = field(default=None, repr=False)
     root_token_id: str | None = None
+    root_token_from_init: bool = False  # the token sys/init answered, not a generated one
     rekey_nonce: str | None = None  # announced at rekey.start, checked by rekey.submit-share
     drill: str | None = None  # the drill drill.start began, for the check-ins and the report
 
@@ -107,6 +109,8 @@ class StepContext:
     earlier: list[dict[str, Any]]
     journal: Callable[[dict[str, Any]], None]
     clock: Callable[[], float] = time.time
+    # Every event journaled so far, of every step: what earlier steps (or runs) left behind.
+    history: Callable[[], list[dict[str, Any]]] = list
 
     @property
     def params(self) -> Mapping[str, Any]:
@@ -417,6 +421,12 @@ def init_domain(ctx: StepContext) -> str:
     status = ctx.call("GET", "sys/seal-status")
     handed = {e["principal"] for e in ctx.earlier_events("share-handed-out")}
     if status.get("initialized"):
+        if ctx.earlier_events("initialised") and handed >= {o.principal for o in officials}:
+            ctx.event("init-resumed", note="every share was handed out before the runner stopped")
+            return (
+                f"initialised with {threshold} of {len(officials)} shares before the runner "
+                "stopped; each official holds one"
+            )
         if ctx.earlier_events("initialised"):
             raise StepFailedError(
                 "the service was initialised by this ceremony, but the runner stopped before "
@@ -431,6 +441,7 @@ def init_domain(ctx: StepContext) -> str:
         "PUT", "sys/init", {"secret_shares": len(officials), "secret_threshold": threshold}
     )
     ctx.session.root_token = str(answer["root_token"])
+    ctx.session.root_token_from_init = True
     ctx.event(
         "initialised",
         threshold=threshold,
@@ -493,6 +504,7 @@ def _generate_root(ctx: StepContext) -> str:
     ).run(set())
     token = decode_with_otp(str(answer["encoded_token"]), otp)
     ctx.session.root_token = token
+    ctx.session.root_token_from_init = False
     looked_up = ctx.call("GET", "auth/token/lookup-self", token=token)
     ctx.session.root_token_id = str(looked_up["data"]["accessor"])
     ctx.event("root-token-generated", token_id=ctx.session.root_token_id)
@@ -505,11 +517,68 @@ def _root_progress(ctx: StepContext) -> tuple[int, int]:
 
 
 def root_token(ctx: StepContext) -> str:
-    """The ceremony's root token; if the runner lost it, the officials generate a new one."""
+    """The ceremony's root token; if the runner lost it, the officials generate a new one, and
+    the lost one (still valid in the service, though nobody holds it) is revoked with it."""
     if ctx.session.root_token is None:
         ctx.term.say(f"This step needs a root token: {ROOT_LOST}. The officials generate one.")
-        return _generate_root(ctx)
+        token = _generate_root(ctx)
+        _revoke_lost(ctx, token)
+        return token
     return ctx.session.root_token
+
+
+_REVOKED = ("root-token-revoked", "lost-root-token-revoked")
+
+
+def _lost_root_tokens(ctx: StepContext) -> tuple[list[str], str | None]:
+    """Root tokens this ceremony made and the runner lost (it was killed) that no event shows
+    revoked: the ids of generated ones, and the request id of the init that made one."""
+    events = ctx.history()
+    revoked = {e.get("token_id") for e in events if e.get("what") in _REVOKED}
+    generated = [
+        str(e["token_id"])
+        for e in events
+        if e.get("what") == "root-token-generated"
+        and e.get("token_id") not in revoked
+        and e.get("token_id") != ctx.session.root_token_id
+    ]
+    init_revoked = any(e.get("init") for e in events if e.get("what") in _REVOKED)
+    inits = [e for e in events if e.get("what") == "initialised"]
+    lost_init = None
+    if inits and not init_revoked and not ctx.session.root_token_from_init:
+        lost_init = str(inits[-1].get("request_id") or "")
+    return list(dict.fromkeys(generated)), lost_init
+
+
+def _revoke_lost(ctx: StepContext, token: str) -> None:
+    """Revoke by id the root tokens the runner lost; the init's audit record names its token."""
+    generated, init_request = _lost_root_tokens(ctx)
+    lost = [(token_id, False) for token_id in generated]
+    if init_request is not None:
+        found = ctx.call("GET", f"ekms/audit/records?request_id={init_request}", token=token)
+        records = found["data"]["records"]
+        if not records:
+            raise StepFailedError(
+                f"the init's audit record ({init_request or 'no request id'}) does not name the "
+                "root token it made: revoke it by its id (auth/token/revoke-accessor)"
+            )
+        lost.append((str(records[0]["record"]["details"]["root_token_id"]), True))
+    for token_id, from_init in lost:
+        note = "revoked"
+        try:
+            ctx.call("POST", "auth/token/revoke-accessor", {"accessor": token_id}, token=token)
+        except ServiceError as exc:
+            if exc.status != 400 or "no live token" not in str(exc):
+                raise
+            note = "revoked already (before the runner stopped)"
+        ctx.event(
+            "lost-root-token-revoked",
+            token_id=token_id,
+            init=from_init or None,
+            note=note,
+            request_id=ctx.service.last_request_id(),
+        )
+        ctx.term.say(f"The root token {token_id} the runner lost is {note}.")
 
 
 @action("root.generate", "officials generate a root token with their shares")
@@ -520,9 +589,7 @@ def generate_root(ctx: StepContext) -> str:
 
 @action("root.hand-over", "show the root token once to the administrator, then clear the screen")
 def hand_over_root(ctx: StepContext) -> str:
-    token = ctx.session.root_token
-    if token is None:
-        raise StepFailedError(f"there is no root token to hand over: {ROOT_LOST}")
+    token = root_token(ctx)  # lost with the runner: the officials generate another
     admin = ctx.administrator()
     term = ctx.term
     while True:
@@ -542,10 +609,14 @@ def hand_over_root(ctx: StepContext) -> str:
 def revoke_root(ctx: StepContext) -> str:
     token = ctx.session.root_token
     if token is None:
-        raise StepFailedError(
-            f"{ROOT_LOST}. Revoke it by its id with a new root token "
-            "(auth/token/revoke-accessor; docs/operations.md)"
-        )
+        generated, init_request = _lost_root_tokens(ctx)
+        if not generated and init_request is None:
+            ctx.event("no-root-token")
+            return "no root token of this ceremony was left to revoke"
+        # The runner lost a token that is still valid: a new one revokes it, then itself.
+        token = root_token(ctx)
+    else:
+        _revoke_lost(ctx, token)
     if ctx.session.root_token_id is None:
         ctx.session.root_token_id = str(
             ctx.call("GET", "auth/token/lookup-self", token=token)["data"]["accessor"]
@@ -555,6 +626,7 @@ def revoke_root(ctx: StepContext) -> str:
     ctx.event(
         "root-token-revoked",
         token_id=ctx.session.root_token_id,
+        init=ctx.session.root_token_from_init or None,
         request_id=ctx.service.last_request_id(),
     )
     return f"root token {ctx.session.root_token_id} revoked"

@@ -417,6 +417,7 @@ class Runner:
                 earlier=list(self.progress.step_events(step.number)),
                 journal=self.record,
                 clock=self.clock,
+                history=self._events,
             )
             try:
                 return "done", action.run(ctx)
@@ -444,6 +445,9 @@ class Runner:
                 )
                 return "deviation", f"failed ({message}); continued by a recorded deviation"
             return "failed", message
+
+    def _events(self) -> list[dict[str, Any]]:
+        return [e for number in sorted(self.progress.events) for e in self.progress.events[number]]
 
     # --- the end ---------------------------------------------------------------------------
 

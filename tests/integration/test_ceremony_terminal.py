@@ -3,193 +3,37 @@
 Each test runs the installed console script in a pseudo-terminal and answers its prompts as the
 participants would: principal ids and key files, y/n confirmations, shares typed at no-echo
 prompts. The server is a real one (SoftHSM, SQLite) in this process; the rehearsal test lets
-the runner start its own throwaway server.
+the runner start its own throwaway server. The shared parts are in ``tests/support/ceremony.py``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import signal
-import sys
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import hvac
-import pexpect
-import pytest
-
-from api.runtime import create_runtime, prepare_hsm
-from ceremonies.transcript import check_file, digest
-from kms.jose import parse_public_jwk
-from tests.conftest import ServerThread, make_settings
+from ceremonies.transcript import check_file
 from tests.integration import test_access
-from tests.integration.test_access import Party, World
+from tests.support.ceremony import (
+    Site,
+    Terminal,
+    add_auditor,
+    audit_record,
+    check_landed,
+    database_url,
+    key_file,
+    site,
+    transcript_of,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from pathlib import Path
+
+    from tests.integration.test_access import World
 
 world = test_access.world  # the access tests' fixture: their World, reused as is
-
-
-def _ekms() -> str:
-    beside = Path(sys.executable).with_name("ekms")
-    found = str(beside) if beside.exists() else shutil.which("ekms")
-    if found is None:
-        pytest.fail("the ekms console script is not installed (pip install -e .)")
-    return found
-
-
-EKMS = _ekms()
-
-
-@pytest.fixture
-def database_url(tmp_path: Path) -> str:
-    """SQLite only: the runner is a client; the store's dialects are tested elsewhere."""
-    return f"sqlite:///{tmp_path / 'ekms.db'}"
-
-
-def key_file(directory: Path, party: Party) -> str:
-    path = directory / f"{party.id}.jwk"
-    path.write_text(json.dumps(party.private_jwk()))
-    path.chmod(0o600)
-    return str(path)
-
-
-class Terminal:
-    """The runner in a pseudo-terminal, answered prompt by prompt."""
-
-    def __init__(self, address: str, directory: Path, *args: str) -> None:
-        env = {**os.environ, "EKMS_ADDR": address, "COLUMNS": "200"}
-        env.pop("EKMS_TOKEN", None)
-        env.pop("VAULT_TOKEN", None)
-        self.child = pexpect.spawn(
-            EKMS,
-            ["ceremony", "run", *args, "--transcript-dir", str(directory)],
-            env=env,
-            encoding="utf-8",
-            timeout=30,
-            dimensions=(50, 200),
-        )
-        self.seen = ""
-
-    def expect(self, pattern: str) -> str:
-        self.child.expect(pattern)
-        self.seen += str(self.child.before) + str(self.child.after)
-        return str(self.child.before)
-
-    def answer(self, pattern: str, text: str) -> str:
-        before = self.expect(pattern)
-        self.child.sendline(text)
-        return before
-
-    def present(self, people: list[tuple[str, str]]) -> None:
-        for principal, path in people:
-            self.answer(r"principal id[^:]*: ", principal)
-            self.answer(r"key file[^:]*: ", path)
-        self.answer(r"Official \d+: principal id[^:]*: ", "")
-
-    def sign_all(self, count: int) -> None:
-        for _ in range(count):
-            self.answer(
-                r"sign the transcript with your key \(digest [0-9a-f]+\.\.\.\)\? \[y/n\]: ", "y"
-            )
-
-    def end(self) -> int:
-        self.child.expect(pexpect.EOF, timeout=60)
-        self.seen += str(self.child.before)
-        self.child.close()
-        return int(self.child.exitstatus if self.child.exitstatus is not None else -1)
-
-
-def transcript_of(directory: Path) -> dict[str, Any]:
-    found = sorted(directory.glob("*.transcript.json"), key=lambda p: p.stat().st_mtime)
-    assert found, f"no transcript in {directory}"
-    return dict(json.loads(found[-1].read_text()))
-
-
-def audit_record(world: World, token: str, request_id: str) -> dict[str, Any]:
-    response = world.call("GET", "ekms/audit/export", token)
-    assert response.status_code == 200, response.text
-    for line in response.text.splitlines():
-        obj = json.loads(line)
-        if obj.get("type") == "record" and obj["record"].get("request_id") == request_id:
-            return dict(obj["record"], index=obj["index"])
-    raise AssertionError(f"no audit record {request_id}")
-
-
-def check_landed(world: World, officer: str, document: dict[str, Any]) -> dict[str, Any]:
-    """The transcript's signatures verify, and its digest is in a ceremony.transcript record."""
-    heads = world.call("GET", "ekms/audit/heads", officer).json()["data"]
-    audit_key = parse_public_jwk(heads["public_key"])
-    check = check_file(document, audit_key)
-    assert check.digest_ok, check.problems
-    assert not check.problems, check.problems
-    assert set(check.signed_by) == {p["principal"] for p in document["transcript"]["participants"]}
-    assert check.service is not None
-    assert check.service["digest"] == digest(document["transcript"])
-    record = audit_record(world, officer, document["service_signature"]["request_id"])
-    assert record["operation"] == "ceremony.transcript"
-    assert record["details"]["digest"] == document["digest"]
-    assert record["details"]["ceremony"] == document["transcript"]["ceremony"]
-    world.call("POST", "ekms/audit/tree-head", officer).raise_for_status()
-    proof = world.call("GET", f"ekms/audit/proof/{record['index']}", officer)
-    assert proof.status_code == 200, proof.text
-    assert proof.json()["data"]["record"]["details"]["digest"] == document["digest"]
-    return record
-
-
-@dataclass
-class Site:
-    """A World whose shares the test kept, plus an auditor to witness."""
-
-    world: World
-    shares: list[str]
-    auditor: Party
-
-
-def add_auditor(world: World) -> Party:
-    auditor = Party.ec("auditor")
-    world.call(
-        "POST",
-        "ekms/principals/auditor",
-        world.login(world.officer),
-        body={"roles": ["auditor"], "jwk": auditor.jwk},
-    ).raise_for_status()
-    return auditor
-
-
-@pytest.fixture
-def site(tmp_path: Path) -> Iterator[Site]:
-    settings = make_settings(tmp_path, site_name="embassy-1", site_kind="embassy")
-    runtime = create_runtime(settings, module=prepare_hsm(settings))
-    with ServerThread(runtime) as server:
-        vault = hvac.Client(url=server.url)
-        result = vault.sys.initialize(secret_shares=3, secret_threshold=2)
-        for share in result["keys"][:2]:
-            vault.sys.submit_unseal_key(share)
-        world = World(
-            server,
-            result["root_token"],
-            [Party.ec(f"official-{n}") for n in range(3)],
-            Party.ec("officer"),
-            Party.ec("operator"),
-            Party.ed("restore-tool"),
-        )
-        for party, role in [(o, "official") for o in world.officials] + [
-            (world.officer, "security-officer")
-        ]:
-            world.call(
-                "POST",
-                f"ekms/principals/{party.id}",
-                world.root,
-                body={"roles": [role], "jwk": party.jwk},
-            ).raise_for_status()
-        yield Site(world, list(result["keys"]), add_auditor(world))
-    runtime.close()
+__all__ = ["database_url", "site", "world"]  # fixtures shared with the other ceremony tests
 
 
 def test_unseal_after_restart_with_a_wrong_share(site: Site, tmp_path: Path) -> None:

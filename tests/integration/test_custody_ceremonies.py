@@ -12,7 +12,8 @@ import hvac
 import hvac.exceptions
 import pytest
 
-from tests.integration.test_ceremony_terminal import (
+from tests.support.ceremony import (
+    SHOWN_SHARE,
     Site,
     Terminal,
     check_landed,
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 __all__ = ["site"]  # the ceremony tests' fixture, reused
-SHOWN_SHARE = re.compile(r"^ {4}([a-z]+(?: [a-z]+){19,32})\s*$", re.MULTILINE)
 
 
 def test_rekey_custodians_ceremony(site: Site, tmp_path: Path) -> None:
@@ -125,6 +125,7 @@ def test_share_drill_ceremony(site: Site, tmp_path: Path) -> None:
     assert events == ["checked-in", "share-rejected", "checked-in", "share-passed"]
     text = json.dumps(transcript_of(directory))
     assert not any(" ".join(s.split()[:4]) in text for s in shares)
+    check_landed(world, world.login(world.officer), transcript_of(directory))
 
 
 def test_a_rekey_ceremony_killed_midway_leaves_the_old_set(site: Site, tmp_path: Path) -> None:
