@@ -8,11 +8,10 @@ state, the quorum sizes, and the audit key that signs transcripts.
 signatures. Each signature must verify under the key the principal registry holds for that
 participant, and that key must be the one the transcript names. The service then signs the
 transcript's digest with its HSM audit key and appends a ``ceremony.transcript`` audit record
-holding the digest, the ceremony, its outcome, the participants and a one-line summary of each
-step; the record, like any other, gets inclusion proofs under the signed tree heads. The whole
-transcript is not stored: its size grows with what people type, while the record stays bounded
-(at most 24 participants and 64 steps, a few fields each) and the digest binds the participants'
-copy to it.
+holding the digest, the ceremony, its outcome, the participants, a one-line summary of each step
+and the whole transcript (at most 256 KiB as canonical JSON; it never holds a share or a token).
+The record, like any other, gets inclusion proofs under the signed tree heads, so an auditor's
+export carries every ceremony's transcript and its digest can be recomputed offline.
 """
 
 from __future__ import annotations
@@ -168,6 +167,7 @@ def build_router(handler: Handler) -> APIRouter:
                 "participants": participants,
                 "signers": signers,
                 "steps": list(summary.steps),
+                "transcript": body.transcript,
             }
             claims = {
                 "iss": runtime.access.config.audience,

@@ -41,11 +41,18 @@ SIGNATURE_TYPE = "ekms-ceremony+jwt"
 SERVICE_SIGNATURE_TYPE = "ekms-ceremony-service+jwt"
 MAX_PARTICIPANTS = 24
 MAX_STEPS = 64
+# The audit record carries the whole transcript, so an auditor's export holds it; this bounds
+# what people's typed notes can add to one record.
+MAX_TRANSCRIPT_BYTES = 256 * 1024
 _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 
 
 def digest(body: Mapping[str, Any]) -> str:
-    return hashlib.sha256(DIGEST_PREFIX + canonical_json(dict(body))).hexdigest()
+    return _digest_of(canonical_json(dict(body)))
+
+
+def _digest_of(canonical: bytes) -> str:
+    return hashlib.sha256(DIGEST_PREFIX + canonical).hexdigest()
 
 
 def build(progress: Progress) -> dict[str, Any]:
@@ -182,6 +189,12 @@ class Summary:
             raise InvalidRequestError("transcript outcome must be completed or aborted")
         if not isinstance(body.get("rehearsal"), bool):
             raise InvalidRequestError("transcript rehearsal must be true or false")
+        encoded = canonical_json(body)
+        if len(encoded) > MAX_TRANSCRIPT_BYTES:
+            raise InvalidRequestError(
+                f"transcript is {len(encoded)} bytes as canonical JSON; at most "
+                f"{MAX_TRANSCRIPT_BYTES} are recorded"
+            )
         participants = _participants(body.get("participants"))
         steps = body.get("steps")
         if not isinstance(steps, list) or len(steps) > MAX_STEPS:
@@ -207,7 +220,7 @@ class Summary:
             rehearsal=bool(body["rehearsal"]),
             participants=participants,
             steps=tuple(summaries),
-            digest=digest(body),
+            digest=_digest_of(encoded),
         )
 
 

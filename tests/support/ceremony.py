@@ -180,6 +180,8 @@ def check_landed(world: World, officer: str, document: dict[str, Any]) -> dict[s
     record = audit_record(world, officer, document["service_signature"]["request_id"])
     assert record["operation"] == "ceremony.transcript"
     assert record["details"]["digest"] == document["digest"]
+    assert record["details"]["transcript"] == document["transcript"]
+    assert digest(record["details"]["transcript"]) == document["digest"]
     assert record["details"]["ceremony"] == document["transcript"]["ceremony"]
     world.call("POST", "ekms/audit/tree-head", officer).raise_for_status()
     proof = world.call("GET", f"ekms/audit/proof/{record['index']}", officer)

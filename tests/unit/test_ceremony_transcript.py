@@ -176,3 +176,10 @@ def test_markdown_escapes_what_people_typed() -> None:
     assert text.count("Signature: ______") == 2
     assert "Not yet signed by the service" in text
     assert escape("a\nb|c") == "a b\\|c"
+
+
+def test_a_transcript_too_large_to_record_is_refused() -> None:
+    body = transcript.build(progress())
+    body["steps"][0]["deviations"][0]["reason"] = "x" * transcript.MAX_TRANSCRIPT_BYTES
+    with pytest.raises(InvalidRequestError, match="at most 262144 are recorded"):
+        transcript.Summary.of(body)
