@@ -953,9 +953,9 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement 
     from api.backup.cli import add_backup_commands  # ekms backup seal, ekms restore
 
     add_backup_commands(sub, client_options)
-    from ceremonies.cli import register_commands  # ekms ceremony run|check|list|render|submit
+    from ceremonies.cli import add_ceremony_commands  # ekms ceremony run|check|list|render|submit
 
-    register_commands(sub, client_options)
+    add_ceremony_commands(sub, client_options)
     return parser
 
 

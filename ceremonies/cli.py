@@ -1,6 +1,6 @@
 """``ekms ceremony``: run, check, list, render and submit ceremony scripts and transcripts.
 
-``api/cli.py`` calls ``register_commands`` while it builds its parser; the modules behind each
+``api/cli.py`` calls ``add_ceremony_commands`` while it builds its parser; the modules behind each
 command are imported only when that command runs, so ``ekms`` starts as fast as before.
 """
 
@@ -180,7 +180,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
-def register_commands(sub: Any, client_options: Callable[[argparse.ArgumentParser], None]) -> None:
+def add_ceremony_commands(
+    sub: Any, client_options: Callable[[argparse.ArgumentParser], None]
+) -> None:
     ceremony = sub.add_parser(
         "ceremony", help="run key ceremonies from scripts, with signed transcripts"
     ).add_subparsers(dest="action", required=True)
