@@ -25,13 +25,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from kms.custody import parse_share
 from kms.errors import InvalidRequestError
+from kms.jose import b64url_decode, b64url_encode
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -106,6 +107,21 @@ def prove(mnemonic: str, challenge: bytes) -> ShareProof:
     member = member_id(share)
     signature = _signing_key(share).sign(proof_message(share.identifier, member, challenge))
     return ShareProof(share.identifier, member, signature)
+
+
+def check_request(mnemonic: str, challenge: str) -> dict[str, Any]:
+    """The body of ``POST ekms/shares/check`` for a challenge as the service issued it.
+
+    Built here once for every client (the CLI, the ceremony runner), so that none of them can
+    put anything but the member, the set and the signature on the wire: never the share.
+    """
+    proof = prove(mnemonic, b64url_decode(challenge))
+    return {
+        "member": proof.member,
+        "set_identifier": proof.identifier,
+        "challenge": challenge,
+        "proof": b64url_encode(proof.proof),
+    }
 
 
 def verify(public_key: bytes, identifier: int, member: str, challenge: bytes, proof: bytes) -> bool:
