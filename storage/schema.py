@@ -79,6 +79,8 @@ key_versions = Table(
     Column("created_at", Float, nullable=False),
     Column("public_key", LargeBinary, nullable=True),
     Column("wrapped_working_key", LargeBinary, nullable=True),
+    # The version's material wrapped under the security-domain key (kms.domain); AES only.
+    Column("escrow", LargeBinary, nullable=True),
 )
 
 # An append-only RFC 9162 Merkle log (migration 0005): ``record`` holds the canonical JSON bytes
@@ -253,4 +255,29 @@ drills = Table(
     Column("id", String(64), primary_key=True),
     Column("started_at", Float, nullable=False, index=True),
     Column("body", Text, nullable=False),
+)
+
+# Secrets kept at rest, each sealed by kms.sealed_values under a key derived from the root keys.
+sealed_values = Table(
+    "sealed_values",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("purpose", String(16), nullable=False),
+    Column("blob", LargeBinary, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+# The site registry (kms.sites): every site of the domain as this site knows it.
+sites = Table(
+    "sites",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("kind", String(16), nullable=False),
+    Column("backend", String(16), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("url", Text, nullable=False, server_default=""),
+    Column("audit_public_key", Text, nullable=True),
+    Column("registered_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("note", Text, nullable=False, server_default=""),
 )

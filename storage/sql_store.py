@@ -36,6 +36,7 @@ from kms.merkle import HASH_SIZE, CompactRange, leaf_hash
 from kms.rekey import PendingCommit, ShareMember
 from kms.review import Campaign
 from kms.review_service import LastOfficerError
+from kms.sealed_values import Purpose, SealedValue
 from storage.schema import (
     approvals,
     audit_heads,
@@ -49,6 +50,7 @@ from storage.schema import (
     principals,
     proposals,
     review_campaigns,
+    sealed_values,
     share_challenges,
     share_checks,
     share_members,
@@ -410,6 +412,62 @@ class SqlStore:
                 .order_by(share_members.c.member)
             ).all()
         return [ShareMember(str(r[0]), None if r[1] is None else bytes(r[1]), r[2]) for r in rows]
+
+    # --- sealed values (kms.sealed_values) ----------------------------------------------------
+
+    def sealed_value(self, name: str) -> SealedValue | None:
+        try:
+            with self._engine.connect() as conn:
+                row = conn.execute(
+                    select(sealed_values.c.purpose, sealed_values.c.blob).where(
+                        sealed_values.c.name == name
+                    )
+                ).first()
+        except SQLAlchemyError as exc:
+            raise StorageError("metadata store unavailable") from exc
+        return None if row is None else SealedValue(name, Purpose(row[0]), bytes(row[1]))
+
+    def all_sealed_values(self) -> list[SealedValue]:
+        try:
+            with self._engine.connect() as conn:
+                rows = conn.execute(
+                    select(
+                        sealed_values.c.name, sealed_values.c.purpose, sealed_values.c.blob
+                    ).order_by(sealed_values.c.name)
+                ).all()
+        except SQLAlchemyError as exc:
+            raise StorageError("metadata store unavailable") from exc
+        return [SealedValue(str(r[0]), Purpose(r[1]), bytes(r[2])) for r in rows]
+
+    def put_sealed_value(self, value: SealedValue, *, only_if_absent: bool = False) -> bool:
+        """Store ``value``; with ``only_if_absent``, False (and nothing written) if one exists.
+
+        The first of several workers to seal a value wins; the others read the winner's.
+        """
+        now = time.time()
+        row = {"purpose": value.purpose.value, "blob": value.blob, "updated_at": now}
+        try:
+            with self._engine.begin() as conn:
+                found = conn.execute(
+                    select(sealed_values.c.name).where(sealed_values.c.name == value.name)
+                ).first()
+                if found is not None and only_if_absent:
+                    return False
+                if found is None:
+                    conn.execute(insert(sealed_values).values(name=value.name, **row))
+                else:
+                    conn.execute(
+                        update(sealed_values)
+                        .where(sealed_values.c.name == value.name)
+                        .values(**row)
+                    )
+        except IntegrityError:
+            if only_if_absent:
+                return False
+            raise ConflictError(f"sealed value {value.name!r} was written concurrently") from None
+        except SQLAlchemyError as exc:
+            raise StorageError("metadata store unavailable") from exc
+        return True
 
     def claim_holder(self, name: SetName, member: str, principal: str) -> None:
         """Record who holds a member, unless someone is recorded already."""
