@@ -13,8 +13,11 @@ from starlette.exceptions import HTTPException
 from api import (
     routes_access,
     routes_audit,
+    routes_backend,
     routes_custody,
+    routes_domain,
     routes_review,
+    routes_sites,
     routes_sys,
     routes_tokens,
     routes_web,
@@ -71,6 +74,9 @@ def create_app(runtime: Runtime, seal_control: SealControl) -> FastAPI:
     app.include_router(routes_web.build_router(handler))
     app.include_router(ceremonies_router(handler))
     app.include_router(routes_custody.build_router(handler))
+    app.include_router(routes_backend.build_router(handler))
+    app.include_router(routes_sites.build_router(handler))
+    app.include_router(routes_domain.build_router(handler))
     transit = TransitRoutes(handler).router()
     app.include_router(transit)
     app.add_middleware(DirectDispatch, prefix=transit.prefix, routes=transit.routes)

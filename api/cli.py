@@ -31,6 +31,7 @@ from typing import IO, TYPE_CHECKING, Any, NoReturn
 from kms.errors import EkmsError
 
 if TYPE_CHECKING:
+    import ssl
     from collections.abc import Callable, Iterator
 
     from kms.audit_export import VerifyReport
@@ -145,6 +146,7 @@ class Client:
         self.address = address.rstrip("/")
         self.token = token
         self.last_request_id: str | None = None  # the last answer's X-Request-Id (audit record)
+        self.context: ssl.SSLContext | None = None  # TLS trust of its own (ceremony --peer-ca)
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
@@ -156,7 +158,9 @@ class Client:
             request.add_header("X-Vault-Token", self.token)
         self.last_request_id = None
         try:
-            with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310
+            with urllib.request.urlopen(  # noqa: S310
+                request, timeout=60, context=self.context
+            ) as response:
                 self.last_request_id = response.headers.get("X-Request-Id")
                 raw = response.read()
         except urllib.error.HTTPError as exc:
@@ -172,7 +176,9 @@ class Client:
         if self.token:
             request.add_header("X-Vault-Token", self.token)
         try:
-            with urllib.request.urlopen(request, timeout=300) as response:  # noqa: S310
+            with urllib.request.urlopen(  # noqa: S310
+                request, timeout=300, context=self.context
+            ) as response:
                 shutil.copyfileobj(response, out, 1 << 16)
                 return dict(response.headers.items())
         except urllib.error.HTTPError as exc:
@@ -837,6 +843,9 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement 
 
     add_operator_commands(operator, client_options)
     add_drill_commands(sub, client_options)
+    from api.cli_domain import add_domain_commands  # ekms domain export|load|import
+
+    add_domain_commands(sub, client_options)
 
     key = sub.add_parser("key", help="transit keys").add_subparsers(dest="action", required=True)
     create = key.add_parser("create")
@@ -950,12 +959,18 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement 
     from api.cli_review import add_review_commands  # imports this module: import it here
 
     add_review_commands(sub, client_options)
+    from api.cli_sites import add_site_commands  # ekms site status|list|show|register|record-head
+
+    add_site_commands(sub, client_options)
     from api.backup.cli import add_backup_commands  # ekms backup seal, ekms restore
 
     add_backup_commands(sub, client_options)
     from ceremonies.cli import add_ceremony_commands  # ekms ceremony run|check|list|render|submit
 
     add_ceremony_commands(sub, client_options)
+    from api.cli_backend import add_backend_commands  # last: it extends `ekms site`
+
+    add_backend_commands(sub, client_options)
     return parser
 
 

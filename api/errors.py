@@ -19,6 +19,7 @@ from kms.errors import (
     NotInitializedError,
     PermissionDeniedError,
     SealedError,
+    SiteUnavailableError,
     StorageError,
 )
 
@@ -29,6 +30,7 @@ log = logging.getLogger("ekms.api")
 
 STATUS_BY_ERROR: tuple[tuple[type[EkmsError], int], ...] = (
     (SealedError, 503),
+    (SiteUnavailableError, 503),
     (NotInitializedError, 400),
     (AuthenticationError, 401),
     (PermissionDeniedError, 403),

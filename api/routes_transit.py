@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from kms.service import KeyService
+    from kms.sites import SiteRegistry
 
 
 DECRYPT, DATAKEY, SIGN = Operation.DECRYPT, Operation.DATAKEY, Operation.SIGN
@@ -146,8 +147,8 @@ def key_json(policy: KeyPolicy) -> dict[str, Any]:
         "supports_encryption": symmetric,
         "supports_decryption": symmetric,
         "supports_derivation": False,
-        "supports_signing": not symmetric,
-    }
+        "supports_signing": not symmetric and not policy.verify_only,
+    } | ({"origin_site": policy.origin_site} if policy.verify_only else {})
 
 
 def _pem(der: bytes | None) -> str:
@@ -167,6 +168,7 @@ class TransitRoutes:
     def __init__(self, handler: Handler) -> None:
         self.handler = handler
         self.keys: KeyService = handler.runtime.keys
+        self.sites: SiteRegistry = handler.runtime.sites
 
     # --- batch plumbing -------------------------------------------------------------------
 
@@ -239,12 +241,15 @@ class TransitRoutes:
         run = self.handler.run
         keys = self.keys
         access = self.handler.runtime.access
+        # Only an active site serves key operations (kms.sites): one cached read per request.
+        serving = self.sites.require_serving
 
         @router.api_route("/keys/{name}", methods=["POST", "PUT"])
         async def create_key(request: Request, name: str) -> Response:
             def work(call: Call, data: dict[str, Any]) -> tuple[int, Any]:
                 call.key = validate_key_name(name)
                 access.authorise_key_admin(call.caller, change=True)
+                serving()  # keys are made at the active site; others receive them by backup
                 body = parse_model(CreateKeyRequest, data)
                 if body.convergent_encryption or body.exportable or body.allow_plaintext_backup:
                     raise InvalidRequestError(
@@ -301,6 +306,7 @@ class TransitRoutes:
             def work(call: Call, _data: dict[str, Any]) -> tuple[int, Any]:
                 call.key = name
                 access.authorise_key_admin(call.caller, change=True)
+                serving()
                 policy = keys.rotate(name)
                 call.version = policy.latest_version
                 return 200, envelope(call, key_json(policy))
@@ -343,6 +349,7 @@ class TransitRoutes:
         async def encrypt(request: Request, name: str) -> Response:
             def work(call: Call, data: dict[str, Any]) -> tuple[int, Any]:
                 call.key = name
+                serving()
                 policy = keys.policy(name)
 
                 def one(raw: Any) -> dict[str, Any]:
@@ -363,6 +370,7 @@ class TransitRoutes:
         async def decrypt(request: Request, name: str) -> Response:
             def work(call: Call, data: dict[str, Any]) -> tuple[int, Any]:
                 call.key = name
+                serving()
                 policy = keys.policy(name)
                 batch = data.get("batch_input")
                 items = len(batch) if isinstance(batch, list) and batch else 1
@@ -390,6 +398,7 @@ class TransitRoutes:
         async def rewrap(request: Request, name: str) -> Response:
             def work(call: Call, data: dict[str, Any]) -> tuple[int, Any]:
                 call.key = name
+                serving()
                 policy = keys.policy(name)
 
                 def one(raw: Any) -> dict[str, Any]:
@@ -412,6 +421,7 @@ class TransitRoutes:
         async def datakey(request: Request, kind: str, name: str) -> Response:
             def work(call: Call, data: dict[str, Any]) -> tuple[int, Any]:
                 call.key = name
+                serving()
                 if kind not in ("plaintext", "wrapped"):
                     raise InvalidRequestError("data key type must be 'plaintext' or 'wrapped'")
                 body = parse_model(DatakeyRequest, data)
@@ -435,6 +445,7 @@ class TransitRoutes:
         async def sign_route(request: Request, name: str, algorithm: str | None) -> Response:
             def work(call: Call, data: dict[str, Any]) -> tuple[int, Any]:
                 call.key = name
+                serving()
                 options = _sign_options(data, algorithm)
                 policy = keys.policy(name)
                 call.admit(access.authorise_key_use(call.caller, operation=SIGN, policy=policy))

@@ -13,21 +13,33 @@ from typing import TYPE_CHECKING, Protocol
 
 from api.audit_log import AuditLog
 from api.audit_writer import AuditWriter
+from api.domain_service import finish_import, prepare_import
 from api.settings import ConfigError, Settings, prepare_softhsm_environment, softhsm_conf_path
 from hsm.pins import TokenPins
 from hsm.pkcs11_backend import Pkcs11Backend
 from hsm.softhsm import TransportPinProvisioner, create_token, find_module, write_config
+from hsm.transit_backend import TransitBackend, TransitConfig, TransitLogin
 from kms.access import AccessConfig, AccessService
 from kms.policy import Site, SiteKind
 from kms.ports import SystemClock, SystemRandom
 from kms.review_service import ReviewService
-from kms.seal import Barrier, Custodian, InitResult, SealStatus, initialise
+from kms.seal import (
+    Barrier,
+    Custodian,
+    InitResult,
+    NoToken,
+    SealStatus,
+    TokenProvisioner,
+    initialise,
+)
 from kms.service import KeyService
+from kms.sites import SiteBackend, SiteRegistry
 from storage.sql_store import SqlStore
 
 if TYPE_CHECKING:
     from kms.derivation import RootKeys
-    from kms.rekey import RekeyPlan, RekeyStatus
+    from kms.ports import KeyBackend
+    from kms.rekey import PinChanger, RekeyPlan, RekeyStatus
     from kms.root_generation import RootGenerationStatus
 
 log = logging.getLogger("ekms.runtime")
@@ -56,18 +68,20 @@ class SealControl(Protocol):
 class Runtime:
     settings: Settings
     store: SqlStore
-    backend: Pkcs11Backend
+    backend: KeyBackend
     barrier: Barrier
     keys: KeyService
     access: AccessService
     review: ReviewService
     audit: AuditWriter
     audit_log: AuditLog
-    provisioner: TransportPinProvisioner
+    sites: SiteRegistry
+    provisioner: TokenProvisioner
     clock: SystemClock = field(default_factory=SystemClock)
     random: SystemRandom = field(default_factory=SystemRandom)
     seal_control: SealControl | None = None
-    pins: TokenPins | None = None
+    pins: PinChanger | None = None
+    transit_login: TransitLogin | None = None  # a transit site's sealed credential
 
     def initialise(self, threshold: int, shares: int, root_token: str | None = None) -> InitResult:
         return initialise(
@@ -82,8 +96,15 @@ class Runtime:
         )
 
     def open_barrier(self, keys: RootKeys) -> None:
-        """Open this process and finish any key creation a crash interrupted."""
+        """Open this process, finish what a crash interrupted, and register this site.
+
+        A site with no row in its own registry registers itself ``active`` (``kms.sites``);
+        one loaded from a domain backup has its ``standby`` row already.
+        """
+        # A loaded domain backup is imported before the process serves (docs/adr/0012 §5).
+        pending = prepare_import(self, keys)
         self.barrier.open(keys)
+        finish_import(self, pending)
         report = self.keys.reconcile()
         if report.discarded or report.deleted:
             log.warning(
@@ -98,6 +119,8 @@ class Runtime:
                 "restored from an older backup? They are kept; see docs/operations.md",
                 report.unknown_objects,
             )
+        audit_key = self.audit_log.public_key()
+        self.sites.ensure_own(None if audit_key is None else audit_key.to_json())
 
     def replace_keys(self, keys: RootKeys) -> None:
         """A rekey committed: keep this process's HSM login, take the new set's keys."""
@@ -117,7 +140,10 @@ def prepare_hsm(settings: Settings) -> str:
     """Make sure the token exists (SoftHSM: create it with transport PINs); returns the module.
 
     Runs before worker processes load the PKCS#11 library, which fixes its slot list at load.
+    A transit site has no token: nothing to prepare, no module.
     """
+    if settings.backend == "transit":
+        return ""
     if settings.softhsm:
         write_config(softhsm_conf_path(settings).parent)
         prepare_softhsm_environment(settings)
@@ -134,26 +160,64 @@ def prepare_hsm(settings: Settings) -> str:
     return settings.pkcs11_module
 
 
+def transit_config(settings: Settings) -> TransitConfig:
+    """Where a transit site's keys are; checked when the settings were loaded."""
+    return TransitConfig(
+        url=settings.transit_address,
+        mount=settings.transit_mount,
+        key_prefix=settings.transit_key_prefix,
+        verify=settings.transit_ca_file or True,
+        wrapping_key_sha256=settings.transit_wrapping_key_sha256 or None,
+    )
+
+
 def create_runtime(
     settings: Settings, *, module: str | None = None, run_migrations: bool = True
 ) -> Runtime:
-    prepare_softhsm_environment(settings)
-    module = module or settings.pkcs11_module or find_module()
     store = SqlStore.open(settings.database_url, run_migrations=run_migrations)
-    backend = Pkcs11Backend(module=module, token_label=settings.token_label)
-    barrier = Barrier(backend)
     clock, random = SystemClock(), SystemRandom()
+    backend: KeyBackend
+    provisioner: TokenProvisioner
+    pins: PinChanger
+    transit_login = None
+    if settings.backend == "transit":
+        backend = TransitBackend(transit_config(settings), random=random)
+        transit_login = TransitLogin(
+            store=store,
+            random=random,
+            credential_file=Path(settings.transit_credential_file),
+            keep_file=settings.transit_credential_file_keep,
+        )
+        barrier = Barrier(backend, transit_login)
+        provisioner = pins = NoToken()
+    else:
+        prepare_softhsm_environment(settings)
+        module = module or settings.pkcs11_module or find_module()
+        backend = Pkcs11Backend(module=module, token_label=settings.token_label)
+        barrier = Barrier(backend)
+        provisioner = TransportPinProvisioner(
+            module=module,
+            token_label=settings.token_label,
+            transport_file=Path(settings.transport_pin_file),
+            manage_so_pin=settings.manage_so_pin,
+        )
+        pins = TokenPins(
+            module=module, token_label=settings.token_label, manage_so_pin=settings.manage_so_pin
+        )
     keys = KeyService(backend=backend, store=store, barrier=barrier, clock=clock, random=random)
-    provisioner = TransportPinProvisioner(
-        module=module,
-        token_label=settings.token_label,
-        transport_file=Path(settings.transport_pin_file),
-        manage_so_pin=settings.manage_so_pin,
+    sites = SiteRegistry(
+        store=store,
+        clock=clock,
+        here=Site(settings.site_name, SiteKind(settings.site_kind)),
+        backend=SiteBackend(settings.backend),
+        keys=keys,
+        url=settings.public_url,
     )
     access = AccessService(
         keys=keys,
         store=store,
         clock=clock,
+        sites=sites,
         config=AccessConfig(
             issuer=settings.audience,
             audience=settings.audience,
@@ -176,12 +240,12 @@ def create_runtime(
         review=ReviewService(store=store, clock=clock),
         audit=AuditWriter(store),
         audit_log=AuditLog(keys=keys, store=store, barrier=barrier, clock=clock),
+        sites=sites,
         provisioner=provisioner,
         clock=clock,
         random=random,
-        pins=TokenPins(
-            module=module, token_label=settings.token_label, manage_so_pin=settings.manage_so_pin
-        ),
+        pins=pins,
+        transit_login=transit_login,
     )
 
 

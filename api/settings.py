@@ -12,9 +12,11 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from kms.errors import InvalidRequestError
 from kms.policy import DEFAULT_MATRIX, RestoreMatrix, SiteKind
+from kms.sites import validate_site_name
 
 MiB = 1024 * 1024
 
@@ -59,6 +61,18 @@ class Settings:
     max_emergency_hours: int = 72
     restore_policy: dict[str, Any] = field(default_factory=dict)
     restore_matrix: RestoreMatrix = field(init=False, repr=False, default=DEFAULT_MATRIX)
+    # --- key backend (docs/adr/0012 §8): a PKCS#11 token, or a Vault/OpenBao transit mount ---
+    backend: str = "pkcs11"  # pkcs11 | transit
+    transit_address: str = ""  # https://HOST:PORT of the Vault/OpenBao cluster
+    transit_tls_disable: bool = False  # plain HTTP to transit off loopback must be asked for
+    transit_mount: str = "transit"
+    transit_key_prefix: str = "ekms-"
+    transit_ca_file: str = ""  # CA bundle for the transit address; default: the system's
+    transit_wrapping_key_sha256: str = ""  # pin the mount's BYOK wrapping key (hex SHA-256)
+    # Read once, at the first unseal: checked by logging in, sealed under the barrier key,
+    # then deleted (unless kept). Default: data_dir/transit-credential.json.
+    transit_credential_file: str = ""
+    transit_credential_file_keep: bool = False
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -77,6 +91,7 @@ class Settings:
         if self.audit_head_interval != 0 and not 10 <= self.audit_head_interval <= 86_400:
             raise ConfigError("audit_head_interval must be 0 (off) or between 10 s and 24 h")
         self._check_access_control()
+        self._check_backend()
         host, _ = self.host_port
         if not self.tls_enabled and not self.tls_disable and not _is_loopback(host):
             raise ConfigError(
@@ -91,8 +106,10 @@ class Settings:
             SiteKind(self.site_kind)
         except ValueError:
             raise ConfigError("site_kind must be one of: home, embassy, public-cloud") from None
-        if not self.site_name or len(self.site_name) > 64:
-            raise ConfigError("site_name must be 1-64 characters")
+        try:
+            validate_site_name(self.site_name)  # it names this site's row in the site registry
+        except InvalidRequestError as exc:
+            raise ConfigError(f"site_name: {exc}") from None
         if not self.audience:
             self.audience = f"embassy-kms/{self.site_name}"
         if not 60 <= self.max_tool_token_ttl <= 86_400:
@@ -116,6 +133,51 @@ class Settings:
             self.restore_matrix = RestoreMatrix.from_config(self.restore_policy)
         except InvalidRequestError as exc:
             raise ConfigError(str(exc)) from None
+
+    def _check_backend(self) -> None:
+        if self.backend not in ("pkcs11", "transit"):
+            raise ConfigError("backend must be one of: pkcs11, transit")
+        if not self.transit_credential_file:
+            self.transit_credential_file = str(self.data_dir / "transit-credential.json")
+        if self.backend == "pkcs11":
+            if self.transit_address:
+                raise ConfigError("transit_address is set, but backend is pkcs11: set backend")
+            return
+        self._check_transit_address()
+        # hvac and requests are loaded only by transit sites.
+        from hsm.transit_backend import TransitConfig  # noqa: PLC0415
+
+        try:
+            TransitConfig(
+                url=self.transit_address,
+                mount=self.transit_mount,
+                key_prefix=self.transit_key_prefix,
+                wrapping_key_sha256=self.transit_wrapping_key_sha256 or None,
+            )
+        except InvalidRequestError as exc:
+            raise ConfigError(f"transit settings: {exc}") from None
+
+    def _check_transit_address(self) -> None:
+        """The service's token must not cross a network in clear: https, or loopback, or an
+        explicit ``transit_tls_disable``, as with ``listen`` and ``tls_disable``."""
+        if not self.transit_address:
+            raise ConfigError("backend = transit needs transit_address (https://HOST:PORT)")
+        url = urlsplit(self.transit_address)
+        if url.scheme not in ("https", "http") or not url.hostname:
+            raise ConfigError(
+                f"transit_address must be https://HOST[:PORT], got {self.transit_address!r}"
+            )
+        if url.username or url.password or url.query or url.fragment:
+            raise ConfigError("transit_address must not carry credentials, a query or a fragment")
+        if url.scheme == "http":
+            if self.transit_ca_file:
+                raise ConfigError("transit_ca_file goes with an https transit_address")
+            if not self.transit_tls_disable and not _is_loopback(url.hostname):
+                raise ConfigError(
+                    f"transit_address {self.transit_address} is plain HTTP off loopback: the "
+                    "service's token would cross the network in clear. Use https, or set "
+                    "transit_tls_disable = true explicitly"
+                )
 
     @property
     def tls_enabled(self) -> bool:

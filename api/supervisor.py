@@ -35,7 +35,7 @@ from kms.errors import (
     StorageError,
 )
 from kms.ports import SystemClock, SystemRandom
-from kms.seal import Custodian, SealStatus
+from kms.seal import Custodian, NoToken, SealStatus
 from storage.sql_store import SqlStore
 
 if TYPE_CHECKING:
@@ -70,6 +70,7 @@ class WorkerHandle:
     commands: Connection  # supervisor -> worker: open / close
     rpc: Connection  # worker -> supervisor: custody requests
     lock: threading.Lock
+    refusal: str = ""  # why the worker last refused a command (an EkmsError's message)
 
 
 class Supervisor:
@@ -97,7 +98,9 @@ class Supervisor:
             random=SystemRandom(),
             timeout=self.settings.unseal_timeout,
             rekeys=self._store,
-            pins=TokenPins(
+            pins=NoToken()  # a transit site: no PKCS#11 token, no PIN to change
+            if self.settings.backend == "transit"
+            else TokenPins(
                 module=module,
                 token_label=self.settings.token_label,
                 manage_so_pin=self.settings.manage_so_pin,
@@ -186,11 +189,13 @@ class Supervisor:
     def _open_all(self, keys: RootKeys) -> None:
         with self._broadcast_lock:
             self._keys = keys
-            failures = [w.index for w in self._workers if not self._send_open(w, keys)]
-            if failures:
+            failed = [w for w in self._workers if not self._send_open(w, keys)]
+            if failed:
+                why = next((w.refusal for w in failed if w.refusal), "")
                 self._close_locked()
                 raise BackendError(
-                    f"worker(s) {failures} could not open the HSM; node stays sealed"
+                    f"worker(s) {[w.index for w in failed]} could not open the key backend"
+                    f"{f' ({why})' if why else ''}; node stays sealed"
                 )
 
     def _rekey_all(self, keys: RootKeys) -> None:
@@ -236,8 +241,10 @@ class Supervisor:
             except (OSError, EOFError):
                 return not worker.process.is_alive()  # a dead worker is restarted sealed/opened
             if reply != b"K":
-                log.error("worker %d refused a command: %s", worker.index, reply[1:].decode())
+                worker.refusal = reply[1:].decode()
+                log.error("worker %d refused a command: %s", worker.index, worker.refusal)
                 return False
+            worker.refusal = ""
             return True
 
     def _serve_rpc(self, worker: WorkerHandle) -> None:

@@ -29,7 +29,7 @@ from pkcs11.mechanisms import GCMParams
 from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 
 from hsm.templates import PRIVATE_SIGNING_KEY, PUBLIC_VERIFY_KEY, SECRET_KEY
-from kms.errors import BackendError, InvalidCiphertextError
+from kms.errors import BackendError, InvalidCiphertextError, InvalidRequestError
 from kms.keys import KeyType
 
 if TYPE_CHECKING:
@@ -42,6 +42,7 @@ _ED25519_OID_DER = bytes.fromhex("06032b6570")  # OBJECT IDENTIFIER 1.3.101.112
 _ED25519_SPKI_PREFIX = bytes.fromhex("302a300506032b6570032100")
 LABEL_PREFIX = "ekms/"
 _GCM_NONCE_BYTES = 12
+_AES_KEY_BYTES = 32
 _LOOKUP_RETRY_DELAYS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 _OPEN_SESSIONS: set[int] = set()  # backends of this process that hold a logged-in session
 
@@ -184,6 +185,36 @@ class Pkcs11Backend:
                 return _ED25519_SPKI_PREFIX + _ed25519_point(point)
             except PKCS11Error as exc:
                 raise BackendError(f"HSM key generation failed: {type(exc).__name__}") from exc
+
+    def import_key(
+        self, handle: bytes, key_type: KeyType, material: bytes | bytearray, label: str
+    ) -> None:
+        """``C_CreateObject`` of an AES key under the ``SECRET_KEY`` template.
+
+        The object is a token object, sensitive and non-extractable like a generated one; only
+        CKA_LOCAL (false) tells them apart. The service makes the material itself so that a
+        copy can be escrowed for the domain backup (docs/adr/0012 §3); python-pkcs11 takes it
+        as ``bytes``, a copy this process cannot wipe, which lives only for the call.
+        """
+        if key_type is not KeyType.AES256_GCM96:
+            raise InvalidRequestError("the PKCS#11 backend imports only aes256-gcm96 keys")
+        if len(material) != _AES_KEY_BYTES:
+            raise InvalidRequestError("aes256-gcm96 key material must be 32 bytes")
+        with _LIB_LOCK:
+            session = self._require()
+            try:
+                self._objects[handle] = session.create_object(
+                    {
+                        **SECRET_KEY,
+                        Attribute.CLASS: ObjectClass.SECRET_KEY,
+                        Attribute.KEY_TYPE: P11KeyType.AES,
+                        Attribute.VALUE: bytes(material),
+                        Attribute.ID: handle,
+                        Attribute.LABEL: label,
+                    }
+                )
+            except PKCS11Error as exc:
+                raise BackendError(f"HSM key import failed: {type(exc).__name__}") from exc
 
     def destroy(self, handle: bytes) -> None:
         with _LIB_LOCK:

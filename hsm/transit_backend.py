@@ -11,6 +11,13 @@ generated could never be exported to another site, and issue 6's domain backup n
 Ciphertexts are byte-compatible with the PKCS#11 backend's AES-256-GCM (nonce || ct || tag with
 the same AAD), so a data key wrapped at one site unwraps at another holding the same KEK.
 See ``docs/adr/0011-transit-key-backend.md``.
+
+The token outlives its TTL (``docs/adr/0012`` §8): a background thread renews a renewable
+token at half its TTL, and logs in again with the AppRole credential (kept in memory while the
+backend is open, wiped at ``close``) when renewal cannot go on (the role's ``token_max_ttl``).
+Should a call still meet a dead token (the process was suspended, the token revoked), it
+logs in again once and retries. A static ``{"token": ...}`` credential has nothing to log in
+with: it is renewed while it can be, and its expiry is an error that says so.
 """
 
 from __future__ import annotations
@@ -21,10 +28,14 @@ import contextlib
 import hashlib
 import hmac
 import json
+import logging
+import os
 import re
+import stat
 import threading
+import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import hvac  # type: ignore[import-untyped]
 import hvac.exceptions  # type: ignore[import-untyped]
@@ -42,11 +53,17 @@ from kms.errors import (
     InvalidRequestError,
 )
 from kms.keys import KeyType
+from kms.sealed_values import BACKEND_CREDENTIAL, Purpose, open_value, seal
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from pathlib import Path
 
-    from kms.ports import RandomSource
+    from kms.derivation import RootKeys
+    from kms.ports import KeyBackend, RandomSource
+    from kms.sealed_values import SealedValue
+
+log = logging.getLogger("ekms.transit")
 
 _NAME_PART = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"
 _PREFIX_RE = re.compile(rf"(?:{_NAME_PART})?")  # transit key names are \w[\w.-]*\w
@@ -65,6 +82,21 @@ _MISSING_KEY_PHRASES = ("key not found", "no existing key named", "could not del
 _CREDENTIAL_FORMAT = (
     "transit credential must be a JSON object with either 'token', "
     "or 'role_id' and 'secret_id' (all non-empty strings)"
+)
+_CREDENTIAL_FILE_LIMIT = 64 * 1024
+_MIN_RENEW_DELAY = 0.5  # seconds; a token's TTL is whole seconds, and a loop must not spin
+_RENEW_RETRY = 5.0  # seconds before another try after a renewal failed (transit unreachable)
+_STATIC_EXPIRED = (
+    "transit refused the service's token during {what}: it expired or was revoked. A static "
+    '{{"token": ...}} credential cannot be renewed by logging in again: store an AppRole '
+    'credential ({{"role_id": ..., "secret_id": ...}}) or a periodic token with '
+    "POST /v1/ekms/site/backend-credential, then seal and unseal"
+)
+_NO_CREDENTIAL = (
+    "this transit site holds no backend credential yet, and {path} does not exist: write the "
+    'service\'s Vault/OpenBao credential there as JSON, {{"role_id": "...", "secret_id": '
+    '"..."}} or {{"token": "..."}}, readable only by the service\'s user, and unseal again. '
+    "It is checked by logging in, sealed under the barrier key, and the file deleted"
 )
 
 
@@ -161,14 +193,33 @@ class TransitCredential:
 
 
 class _Session:
-    """One login: the client, whether its token is ours to revoke, and what it has checked."""
+    """One login: the client, the AppRole credential to log in again with, and its caches.
 
-    def __init__(self, client: Any, *, revoke_on_close: bool) -> None:
+    ``credential`` is the encoded AppRole credential (None for a static token): kept only
+    while the backend is open, to replace a token that expired, and wiped by ``_end``.
+    ``logins`` counts the logins of this session, so that a call refused by a token that
+    another thread has replaced since just retries. The timing fields are the token's, as
+    transit last reported them; only the lock holder changes them.
+    """
+
+    def __init__(self, client: Any, *, credential: bytearray | None) -> None:
         self.client = client
-        self.revoke_on_close = revoke_on_close
+        self.credential = credential
+        self.revoke_on_close = credential is not None
         self.wrapping_key: rsa.RSAPublicKey | None = None
         self.wrapping_key_sha256: str | None = None
         self.checked: set[str] = set()  # transit keys verified to be ours, for encryption
+        self.logins = 1
+        self.renewals = 0
+        self.period = 0.0  # the TTL the token was made with (0: it never expires)
+        self.renewable = False
+        self.wake_at: float | None = None  # monotonic time of the next renewal; None: none
+        self.warned = False
+        self.stop = threading.Event()
+        self.renewer: threading.Thread | None = None
+
+    def __repr__(self) -> str:
+        return f"_Session(logins={self.logins}, renewals={self.renewals}, <token>)"
 
 
 class TransitBackend:
@@ -178,9 +229,11 @@ class TransitBackend:
     is thread-safe. Only login state changes under the lock.
     """
 
-    def __init__(self, config: TransitConfig, *, random: RandomSource) -> None:
+    def __init__(self, config: TransitConfig, *, random: RandomSource, renew: bool = True) -> None:
+        """``renew=False`` leaves renewal to the re-login on a refused call (tests use it)."""
         self._config = config
         self._random = random
+        self._renew = renew
         self._session: _Session | None = None
         self._lock = threading.Lock()
 
@@ -197,32 +250,39 @@ class TransitBackend:
     # --- login ----------------------------------------------------------------------------
 
     def open(self, secret: bytearray, /) -> None:
-        """Log in with a ``TransitCredential`` encoding and check the token (lookup-self)."""
+        """Log in with a ``TransitCredential`` encoding and check the token (lookup-self).
+
+        An AppRole credential is kept (a copy, wiped at ``close``) to log in again when the
+        token runs out; a token with a TTL gets a thread that renews it at half its TTL.
+        """
         with self._lock:
             if self._session is not None:
                 return
             credential = TransitCredential.parse(secret)
             client = self._new_client(credential.token or "")
-            session = _Session(client, revoke_on_close=credential.token is None)
+            session = _Session(
+                client, credential=bytearray(secret) if credential.token is None else None
+            )
             try:
                 if credential.token is None:
                     self._login_approle(client, credential)
-                _send(
-                    client.auth.token.lookup_self,
-                    "token check",
-                    _refused_credential,
-                )
+                self._check_token(session)
             except BaseException:
                 _end(session)
                 raise
             self._session = session
+            self._start_renewer(session)
 
     def close(self) -> None:
-        """Forget the login; a token that came from AppRole is revoked first."""
+        """Forget the login; a token that came from AppRole is revoked first, and the
+        credential kept to log in again is wiped."""
         with self._lock:
             session, self._session = self._session, None
         if session is not None:
             _end(session)
+            renewer = session.renewer
+            if renewer is not None and renewer is not threading.current_thread():
+                renewer.join(timeout=self._config.timeout)
 
     def _new_client(self, token: str) -> Any:
         # The environment must not decide where the token goes: no proxy from HTTP_PROXY, no
@@ -258,6 +318,138 @@ class TransitBackend:
             raise BackendError("transit session is not open")
         return session
 
+    # --- token lifetime -------------------------------------------------------------------
+
+    def _check_token(self, session: _Session) -> None:
+        """lookup-self: the token works, and when it must be renewed (half its TTL)."""
+        answer = _send(session.client.auth.token.lookup_self, "token check", _refused_credential)
+        data = answer.get("data") if isinstance(answer, dict) else None
+        if not isinstance(data, dict):
+            raise BackendError("transit token check returned an unexpected answer")
+        # ``ttl`` is whole seconds left (0 for a token in its last second, and for one that
+        # never expires); ``creation_ttl`` is 0 only for a token that never expires.
+        ttl, period = data.get("ttl"), data.get("creation_ttl")
+        ttl = ttl if type(ttl) is int and ttl > 0 else 0
+        session.period = float(max(period, ttl) if type(period) is int and period > 0 else ttl)
+        session.renewable = data.get("renewable") is True
+        session.wake_at = time.monotonic() + ttl / 2 if session.period else None
+
+    def _start_renewer(self, session: _Session) -> None:
+        """A renewal thread for a token with a TTL, unless one runs (caller holds the lock)."""
+        running = session.renewer is not None and session.renewer.is_alive()
+        if not self._renew or running or session.wake_at is None or session.stop.is_set():
+            return
+        session.renewer = threading.Thread(
+            target=self._renew_loop, args=(session,), name="transit-renewal", daemon=True
+        )
+        session.renewer.start()
+
+    def _token_alive(self, session: _Session) -> bool:
+        """Whether transit still takes the token: a refusal with a live token is the policy's."""
+        try:
+            _send(session.client.auth.token.lookup_self, "token check", _refused_credential)
+        except CredentialRefusedError:
+            return False
+        return True
+
+    def _login_again(self, session: _Session, why: str) -> None:
+        """A fresh token from the AppRole credential; the caller holds the lock."""
+        if session.credential is None:
+            raise CredentialRefusedError(_STATIC_EXPIRED.format(what=why))
+        credential = TransitCredential.parse(session.credential)
+        try:
+            self._login_approle(session.client, credential)
+            self._check_token(session)
+        except CredentialRefusedError:
+            raise CredentialRefusedError(
+                f"transit refused the service's token during {why}, and logging in again with "
+                "the AppRole credential was refused too (its secret-id expired or was "
+                "destroyed?): store a working credential with POST "
+                "/v1/ekms/site/backend-credential, then seal and unseal"
+            ) from None
+        session.logins += 1
+        session.warned = False
+        if threading.current_thread() is not session.renewer:
+            self._start_renewer(session)  # it may have stopped on a token it could not renew
+        log.info("transit token replaced by logging in again with the AppRole credential")
+
+    def _after_refusal(self, session: _Session, logins: int, what: str) -> None:
+        """A call was refused (403): replace a dead token, or let a policy refusal stand."""
+        with self._lock:
+            if self._session is not session:
+                raise BackendError("transit session is not open")
+            if session.logins != logins:
+                return  # another thread logged in again meanwhile: just retry
+            if self._token_alive(session):
+                raise _ForbiddenError(what)  # the token works: the policy said no
+            self._login_again(session, what)
+
+    def _renew_loop(self, session: _Session) -> None:
+        """Renew at half the TTL, until ``close``; runs in its own daemon thread."""
+        while True:
+            wake_at = session.wake_at
+            if wake_at is None:
+                return
+            if session.stop.wait(max(wake_at - time.monotonic(), _MIN_RENEW_DELAY)):
+                return
+            try:
+                with self._lock:
+                    if self._session is not session or session.stop.is_set():
+                        return
+                    self._renew_token(session)
+            except CredentialRefusedError as exc:  # no way to a new token: calls will say so
+                log.error("transit token renewal stopped: %s", exc)
+                return
+            except EkmsError as exc:  # transit unreachable or sealed for a moment
+                log.warning("transit token renewal failed, retrying: %s", exc)
+                session.wake_at = time.monotonic() + _RENEW_RETRY
+
+    def _renew_token(self, session: _Session) -> None:
+        """One renewal (caller holds the lock): renew-self, or a fresh AppRole login once the
+        token cannot be renewed for a full period any more (its max TTL is near)."""
+        approle = session.credential is not None
+        if not session.renewable:
+            if approle:
+                self._login_again(session, "token renewal")
+                return
+            self._warn_expiry(session, "it is not renewable")
+            return
+        try:
+            answer = _send(
+                session.client.auth.token.renew_self, "token renewal", _refused_credential
+            )
+        except CredentialRefusedError:
+            if not approle:
+                raise
+            self._login_again(session, "token renewal")
+            return
+        auth = answer.get("auth") if isinstance(answer, dict) else None
+        if not isinstance(auth, dict):
+            raise BackendError("transit token renewal returned an unexpected answer")
+        granted = auth.get("lease_duration")
+        if type(granted) is not int or granted <= 0:
+            raise BackendError("transit token renewal returned an unexpected answer")
+        session.renewals += 1
+        session.renewable = auth.get("renewable") is True
+        if granted < session.period:  # capped by the max TTL: renewing cannot keep it alive
+            if approle:
+                self._login_again(session, "token renewal")
+                return
+            self._warn_expiry(session, "it has reached its maximum TTL")
+        session.wake_at = time.monotonic() + max(granted / 2, _MIN_RENEW_DELAY)
+
+    def _warn_expiry(self, session: _Session, why: str) -> None:
+        """A static token that cannot be renewed further: say so once, stop renewing."""
+        if not session.warned:
+            log.warning(
+                "the transit token will expire and %s: a static token cannot be renewed by "
+                "logging in again; store an AppRole credential or a periodic token",
+                why,
+            )
+            session.warned = True
+        if not session.renewable:
+            session.wake_at = None
+
     # --- keys -----------------------------------------------------------------------------
 
     def generate(self, key_type: KeyType, handle: bytes, label: str) -> bytes | None:
@@ -267,11 +459,10 @@ class TransitBackend:
         """
         del label
         if key_type is KeyType.AES256_GCM96:
+            # KeyService makes and escrows KEKs itself and calls ``import_key``
+            # (docs/adr/0012 §3); this path serves direct callers of the port.
             material = bytearray(self._random.bytes(_AES_KEY_BYTES))
             try:
-                # TODO(issue 6, domain backup): wrap a copy of ``material`` under the domain
-                # wrapping key here, before it is wiped, and hand it to the domain backup; the
-                # restore at another transit site then unwraps it and calls ``import_key``.
                 self.import_key(handle, key_type, material)
             finally:
                 wipe(material)
@@ -285,7 +476,9 @@ class TransitBackend:
         )
         return self._public_key(name, key_type)
 
-    def import_key(self, handle: bytes, key_type: KeyType, material: bytes | bytearray) -> None:
+    def import_key(
+        self, handle: bytes, key_type: KeyType, material: bytes | bytearray, label: str = ""
+    ) -> None:
         """Bring key material into transit through BYOK; it never crosses the wire in the clear.
 
         ``generate`` uses it for every new AES version; issue 6's domain restore will use it for
@@ -294,6 +487,7 @@ class TransitBackend:
         non-exportable, without plaintext backup and without rotation: a new version of ours is
         a new transit key, so transit's ``import_version`` is never needed.
         """
+        del label  # no place for it in transit: the key's name comes from ``handle``
         _check_material(key_type, material)
         name = self._name(handle)
         wrapping_key = self._wrapping_key()
@@ -505,17 +699,18 @@ class TransitBackend:
         body: dict[str, object] | None = None,
         refine: Callable[[Exception], EkmsError | None] | None = None,
     ) -> dict[str, Any]:
-        """One request to the mount; returns the answer's ``data`` ({} for 204)."""
-        adapter = self._require().client.adapter
-        url = f"/v1/{self._config.mount}/{path}"
-        if method == "post":
-            answer = _send(lambda: adapter.post(url, json=body), what, refine)
-        elif method == "get":
-            answer = _send(lambda: adapter.get(url), what, refine)
-        elif method == "list":
-            answer = _send(lambda: adapter.list(url), what, refine)
-        else:
-            answer = _send(lambda: adapter.delete(url), what, refine)
+        """One request to the mount; returns the answer's ``data`` ({} for 204).
+
+        A 403 from a token that is dead (expired, revoked) logs in again with the AppRole
+        credential and retries once; a 403 with a live token is the policy's, and stands.
+        """
+        session = self._require()
+        logins = session.logins
+        try:
+            answer = self._request(session, method, path, what=what, body=body, refine=refine)
+        except _ForbiddenError:
+            self._after_refusal(session, logins, what)
+            answer = self._request(session, method, path, what=what, body=body, refine=refine)
         if not isinstance(answer, dict):
             # 204 is transit's "done"; anything else (a redirect we do not follow, a 200 that is
             # not JSON) must not pass for success, least of all for an import.
@@ -527,6 +722,188 @@ class TransitBackend:
         if not isinstance(data, dict):
             raise BackendError(f"transit {what} returned an unexpected answer")
         return data
+
+    def _request(
+        self,
+        session: _Session,
+        method: str,
+        path: str,
+        *,
+        what: str,
+        body: dict[str, object] | None,
+        refine: Callable[[Exception], EkmsError | None] | None,
+    ) -> Any:
+        adapter = session.client.adapter
+        url = f"/v1/{self._config.mount}/{path}"
+
+        def refined(exc: Exception) -> EkmsError | None:
+            found = refine(exc) if refine is not None else None
+            if found is None and isinstance(exc, hvac.exceptions.Forbidden):
+                return _ForbiddenError(what)
+            return found
+
+        if method == "post":
+            return _send(lambda: adapter.post(url, json=body), what, refined)
+        if method == "get":
+            return _send(lambda: adapter.get(url), what, refined)
+        if method == "list":
+            return _send(lambda: adapter.list(url), what, refined)
+        return _send(lambda: adapter.delete(url), what, refined)
+
+
+class CredentialStore(Protocol):
+    """Where a transit site keeps its sealed credential (``storage.sql_store.SqlStore``)."""
+
+    def sealed_value(self, name: str) -> SealedValue | None: ...
+
+    def put_sealed_value(self, value: SealedValue, *, only_if_absent: bool = False) -> bool: ...
+
+    def replace_sealed_value(self, value: SealedValue, *, expected: bytes) -> bool: ...
+
+
+class TransitLogin:
+    """``kms.seal.BackendLogin`` of a transit site: the credential sealed under the barrier key.
+
+    The credential reaches the service once, as a file (``transit_credential_file``), the way
+    Vault Agent takes its AppRole secret-id: an unseal that finds no sealed credential reads the
+    file, checks it by logging in, seals it under the barrier key, stores it and deletes the
+    file. Later unseals open the stored one, which is worthless without a quorum. Should transit
+    refuse the stored credential (its secret-id expired, say) while a file is present, the file
+    is tried and, if it logs in, replaces it: the way back for a node that cannot unseal, and so
+    cannot reach the rotation endpoint (``POST /v1/ekms/site/backend-credential``).
+    """
+
+    def __init__(
+        self,
+        *,
+        store: CredentialStore,
+        random: RandomSource,
+        credential_file: Path,
+        keep_file: bool = False,
+    ) -> None:
+        self._store = store
+        self._random = random
+        self._file = credential_file
+        self._keep_file = keep_file
+
+    def __repr__(self) -> str:
+        return f"TransitLogin(file={str(self._file)!r}, keep_file={self._keep_file})"
+
+    def login(self, backend: KeyBackend, keys: RootKeys) -> None:
+        stored = self._store.sealed_value(BACKEND_CREDENTIAL)
+        if stored is not None:
+            secret = open_value(keys, stored)
+            try:
+                backend.open(secret)
+            except CredentialRefusedError:
+                if not self._file.exists():
+                    raise CredentialRefusedError(
+                        "transit refused the stored backend credential: write a working one to "
+                        f"{self._file} and unseal again; it then replaces the stored one"
+                    ) from None
+            else:
+                return
+            finally:
+                wipe(secret)
+        secret = self._read_file()
+        try:
+            backend.open(secret)  # a refused credential is neither stored nor its file deleted
+            self._keep(keys, secret, stored)
+        finally:
+            wipe(secret)
+        self._discard_file()
+
+    def replace(self, keys: RootKeys, secret: bytearray) -> bool:
+        """Store ``secret`` (checked by the caller, by logging in) in place of the current one.
+
+        Returns whether a credential was replaced. The current one must open with ``keys``:
+        otherwise this process holds the keys of a share set that a rekey elsewhere replaced,
+        and what it sealed would not open at the next unseal.
+        """
+        current = self._store.sealed_value(BACKEND_CREDENTIAL)
+        if current is not None:
+            try:
+                wipe(open_value(keys, current))
+            except EkmsError:
+                raise ConflictError(
+                    "the stored backend credential does not open with this node's working keys: "
+                    "if a rekey replaced the share set, seal this node and unseal it with the "
+                    "current shares, then try again. Nothing was stored"
+                ) from None
+        if not self._keep(keys, secret, current):
+            raise ConflictError(
+                "the backend credential changed while this one was being stored (another "
+                "rotation, or a rekey): nothing was stored; try again"
+            )
+        return current is not None
+
+    def _keep(self, keys: RootKeys, secret: bytearray, current: SealedValue | None) -> bool:
+        """Seal and store; False if another process stored or replaced one first."""
+        sealed = seal(keys, BACKEND_CREDENTIAL, Purpose.BARRIER, secret, self._random)
+        if current is None:
+            return self._store.put_sealed_value(sealed, only_if_absent=True)
+        return self._store.replace_sealed_value(sealed, expected=current.blob)
+
+    def _read_file(self) -> bytearray:
+        path = self._file
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise BackendError(_NO_CREDENTIAL.format(path=path)) from None
+        except OSError as exc:
+            raise BackendError(
+                f"cannot read the transit credential file {path}: {exc.strerror}"
+            ) from None
+        buffer = bytearray(_CREDENTIAL_FILE_LIMIT + 1)
+        with os.fdopen(fd, "rb", buffering=0) as handle:
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise BackendError(f"the transit credential file {path} is not a regular file")
+            if info.st_mode & 0o077:
+                log.warning(
+                    "the transit credential file %s can be read by others than its owner "
+                    "(mode %o): it is deleted after this unseal, but make such files 0600",
+                    path,
+                    stat.S_IMODE(info.st_mode),
+                )
+            size = handle.readinto(buffer) or 0
+        secret = buffer[:size]
+        wipe(buffer)
+        if size > _CREDENTIAL_FILE_LIMIT:
+            wipe(secret)
+            raise BackendError(f"the transit credential file {path} is larger than 64 KiB")
+        try:
+            TransitCredential.parse(secret)
+        except BackendError as exc:
+            wipe(secret)
+            raise BackendError(f"the transit credential file {path}: {exc}") from None
+        return secret
+
+    def _discard_file(self) -> None:
+        if self._keep_file:
+            return
+        try:
+            self._file.unlink()
+        except FileNotFoundError:
+            pass  # another worker process took it first
+        except OSError as exc:
+            log.warning(
+                "could not delete the transit credential file %s (%s): the credential is stored "
+                "sealed now, delete the file by hand",
+                self._file,
+                exc.strerror,
+            )
+
+
+class CredentialRefusedError(BackendError):
+    """Transit answered, and said no to the credential (not: transit could not be reached)."""
+
+
+class _ForbiddenError(BackendError):
+    """Transit said 403 to a call: a policy refusal, or a token that is no longer valid."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"transit backend denied {what}: check the service token's policy")
 
 
 class _MissingKeyError(BackendError):
@@ -563,7 +940,12 @@ def _send(
 
 
 def _end(session: _Session) -> None:
-    """Revoke an AppRole token (best effort: it expires anyway), then drop the connections."""
+    """Stop renewing, wipe the kept credential, revoke an AppRole token (best effort: it
+    expires anyway), then drop the connections."""
+    session.stop.set()
+    if session.credential is not None:
+        wipe(session.credential)
+        session.credential = None
     try:
         if session.revoke_on_close and session.client.token:
             with contextlib.suppress(requests.RequestException, hvac.exceptions.VaultError):
@@ -580,7 +962,7 @@ def _message(exc: Exception) -> str:
 
 def _refused_credential(exc: Exception) -> EkmsError | None:
     if isinstance(exc, hvac.exceptions.Forbidden | hvac.exceptions.InvalidRequest):
-        return BackendError("transit backend refused the service's credential")
+        return CredentialRefusedError("transit backend refused the service's credential")
     return None
 
 

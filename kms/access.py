@@ -50,12 +50,14 @@ from kms.policy import (
     is_manifest_key,
     parse_choice,
 )
+from kms.sites import SITE_PAYLOAD_FIELDS, SITE_PROPOSALS
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
     from kms.ports import Clock
     from kms.service import KeyService
+    from kms.sites import SiteRegistry
 
 SIGNING_KEY = SYSTEM_KEY_PREFIX + "token-signing"
 # How long after its ``iat`` a DPoP proof's one-time id is kept. A constant, not configuration:
@@ -173,12 +175,19 @@ def once_id(kind: str, *parts: str) -> bytes:
 
 class AccessService:
     def __init__(
-        self, *, keys: KeyService, store: IdentityStore, clock: Clock, config: AccessConfig
+        self,
+        *,
+        keys: KeyService,
+        store: IdentityStore,
+        clock: Clock,
+        config: AccessConfig,
+        sites: SiteRegistry | None = None,
     ) -> None:
         self._keys = keys
         self._store = store
         self._clock = clock
         self.config = config
+        self._sites = sites  # site proposals and the status gate on restore credentials
         self._ring = _KeyRing()
         self._verified: dict[bytes, AccessClaims] = {}
 
@@ -610,6 +619,9 @@ class AccessService:
         return clean, max_uses
 
     def _official_payload(self, kind: ProposalKind, payload: Mapping[str, Any]) -> dict[str, Any]:
+        if kind in SITE_PROPOSALS:
+            _only(payload, set(SITE_PAYLOAD_FIELDS[kind]))
+            return self._site_registry().proposal_payload(kind, payload)
         if kind is ProposalKind.ADD_OFFICIAL:
             _only(payload, {"principal", "jwk", "display_name"})
             principal_id = validate_principal_id(str(payload.get("principal", "")))
@@ -763,9 +775,18 @@ class AccessService:
             self._store.declare_emergency(proposal.id, now, now + int(payload["duration"]))
         elif proposal.kind is ProposalKind.END_EMERGENCY:
             self._store.end_emergency(now, proposal.id)
+        elif proposal.kind in SITE_PROPOSALS:
+            self._site_registry().execute(proposal.kind, payload)
+
+    def _site_registry(self) -> SiteRegistry:
+        if self._sites is None:
+            raise InvalidRequestError("site proposals need the site registry, not wired here")
+        return self._sites
 
     def credential(self, actor: Identity, proposal_id: str) -> Issued:
         """The named restore tool's scoped, DPoP-bound credential for an approved request."""
+        if self._sites is not None:
+            self._sites.require_serving()  # only an active site issues restore credentials
         stored = self._store.proposal(proposal_id)
         if stored is None or stored.proposal.kind is not ProposalKind.RESTORE:
             raise NotFoundError(f"no restore request {proposal_id!r}")
@@ -807,9 +828,11 @@ class AccessService:
 
     def status(self) -> dict[str, Any]:
         emergency = self._store.emergency(self._clock.now())
+        own = None if self._sites is None else self._sites.own()
         return {
             "site": self.config.site.name,
             "site_kind": self.config.site.kind.value,
+            "site_status": None if own is None else own.status.value,
             "emergency": emergency,
             "restore_policy": self.config.matrix.to_json(),
             "approvals_required": self.config.approvals_required,

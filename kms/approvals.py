@@ -1,8 +1,9 @@
 """Proposals that need a quorum of officials, and the signed approvals that decide them.
 
-A proposal is a restore request, a change to the set of officials, or an emergency. Officials
-sign the proposal's canonical digest with their own key, so an approval cannot be moved to
-another proposal, and the whole decision can be checked offline from the stored signatures.
+A proposal is a restore request, a change to the set of officials, an emergency, or a change
+of which site serves (failover, failback, retire). Officials sign the proposal's canonical
+digest with their own key, so an approval cannot be moved to another proposal, and the whole
+decision can be checked offline from the stored signatures.
 
 Rules (``tally``): the requester cannot approve their own proposal; each official counts once;
 any official's deny denies the proposal at once (a veto: restoring state secrets abroad should
@@ -32,6 +33,9 @@ class ProposalKind(StrEnum):
     REMOVE_OFFICIAL = "remove-official"  # disable an official (and revoke their tokens)
     DECLARE_EMERGENCY = "declare-emergency"
     END_EMERGENCY = "end-emergency"
+    SITE_FAILOVER = "site-failover"  # this site takes over from another (kms.sites)
+    SITE_FAILBACK = "site-failback"  # this (rebuilt) site resumes; the embassy is retired
+    SITE_RETIRE = "site-retire"  # this site stops for good; every token here is revoked
 
 
 class ReasonCode(StrEnum):

@@ -121,7 +121,9 @@ def sign_tree_head(head: TreeHead, sign: Callable[[bytes], bytes], *, alg: str, 
     return encode_jws({"alg": alg, "kid": kid, "typ": TREE_HEAD_TYPE}, head.claims(), sign)
 
 
-def _head_problem(head: TreeHead, token: str, key: PublicJwk, kid: str) -> str | None:
+def _head_problem(
+    head: TreeHead, token: str, key: PublicJwk, kid: str, *, key_name: str = "the export key"
+) -> str | None:
     """Why ``token`` is not this head's signature by ``key``, or None if it is."""
     try:
         jws = parse_jws(token)
@@ -132,9 +134,9 @@ def _head_problem(head: TreeHead, token: str, key: PublicJwk, kid: str) -> str |
     try:
         verify_jws(jws, key)
     except AuthenticationError as exc:
-        return f"signature does not verify with the export key ({exc.reason})"
+        return f"signature does not verify with {key_name} ({exc.reason})"
     if "kid" in jws.header and jws.header["kid"] != kid:
-        return "its JWS names another key than the export's kid"
+        return f"its JWS names another key than {key_name}'s kid"
     expected = head.claims()
     differ = sorted(
         name
@@ -144,6 +146,31 @@ def _head_problem(head: TreeHead, token: str, key: PublicJwk, kid: str) -> str |
     if differ:
         return f"the head line does not match its signed payload ({', '.join(differ)})"
     return None
+
+
+def verify_tree_head(
+    value: object, key: PublicJwk, *, key_name: str = "the log's key"
+) -> tuple[TreeHead, str]:
+    """Another log's signed head, checked as an export's heads are, against that log's key.
+
+    Sites record each other's heads to reconcile their logs (ADR 0012, ``kms.sites``).
+    ``value`` is a head line, as an export or ``POST /v1/ekms/audit/tree-head`` writes it, or
+    the bare JWS, whose payload is the head. Anything wrong is the caller's input (400).
+    """
+    if isinstance(value, str):
+        try:
+            claims = parse_jws(value).claims
+        except AuthenticationError as exc:
+            raise InvalidRequestError(f"the tree head's JWS is malformed ({exc.reason})") from None
+        value = {**claims, "type": "head", "jws": value}
+    try:
+        head, token = _parse_head(value)
+    except _MalformedError as exc:
+        raise InvalidRequestError(f"malformed tree head: {exc.message}") from None
+    problem = _head_problem(head, token, key, key.thumbprint, key_name=key_name)
+    if problem is not None:
+        raise InvalidRequestError(f"tree head refused: {problem}")
+    return head, token
 
 
 # --- building an export ---------------------------------------------------------------------

@@ -52,6 +52,14 @@ class SealedError(EkmsError):
         super().__init__("Vault is sealed")
 
 
+class SiteUnavailableError(EkmsError):
+    """This site's status (standby, failed-over, retired) forbids key operations (HTTP 503).
+
+    Not a seal and not the caller's fault: which site serves is decided by a quorum of
+    officials (proposals ``site-failover``, ``site-failback``, ``site-retire``; ADR 0012).
+    """
+
+
 class NotInitializedError(EkmsError):
     """The service has not been initialised yet."""
 

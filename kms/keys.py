@@ -94,6 +94,10 @@ class KeyVersion:
     created_at: float
     public_key: bytes | None = None  # DER SubjectPublicKeyInfo for signing keys
     wrapped_working_key: bytes | None = field(default=None, repr=False)  # residency=memory only
+    # AES only: the material wrapped under the security-domain key (kms.domain), so that the
+    # domain backup can carry the version to another site. None for signing keys and for
+    # versions made before KEK escrow existed (they cannot leave their site).
+    escrow: bytes | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,13 @@ class KeyPolicy:
     min_encryption_version: int = 0
     deletion_allowed: bool = False
     versions: dict[int, KeyVersion] = field(default_factory=dict)
+    # A verify-only key: its public versions came from this site in a domain backup, and its
+    # private versions stay in that site's backend (no backend object here). None otherwise.
+    origin_site: str | None = None
+
+    @property
+    def verify_only(self) -> bool:
+        return self.origin_site is not None
 
     def with_changes(self, **changes: object) -> KeyPolicy:
         return replace(self, **changes)  # type: ignore[arg-type]

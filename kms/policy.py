@@ -77,8 +77,8 @@ class RestoreMatrix:
         if site in self.emergency.get(classification, frozenset()):
             if emergency:
                 return ALLOW
-            return Deny(f"{classification.value} data at a {site.value} site needs an emergency")
-        return Deny(f"{classification.value} data may not be restored at a {site.value} site")
+            return Deny(f"{classification.value} data at {_a(site)} site needs an emergency")
+        return Deny(f"{classification.value} data may not be restored at {_a(site)} site")
 
     @classmethod
     def from_config(cls, table: Mapping[str, object]) -> RestoreMatrix:
@@ -112,6 +112,11 @@ class RestoreMatrix:
             }
             for c in Classification
         }
+
+
+def _a(site: SiteKind) -> str:
+    """'an embassy', 'a home': the refusal is read by people."""
+    return ("an " if site.value[0] in "aeiou" else "a ") + site.value
 
 
 def parse_choice(kind: type[E], value: object, what: str) -> E:

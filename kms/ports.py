@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from kms.identity import Principal
     from kms.keys import KeyPolicy, KeyType, KeyVersion
     from kms.review import Campaign
+    from kms.sealed_values import SealedValue
 
 
 class Clock(Protocol):
@@ -69,6 +70,18 @@ class KeyBackend(Protocol):
         """Create a key; returns the public key (DER SubjectPublicKeyInfo) for asymmetric keys."""
         ...
 
+    def import_key(
+        self, handle: bytes, key_type: KeyType, material: bytes | bytearray, label: str
+    ) -> None:
+        """Create a non-extractable key from material the service made (a KEK's 32 bytes).
+
+        KEKs are made this way rather than by ``generate`` so that a copy can be escrowed under
+        the security-domain key first (``kms.domain``, docs/adr/0012 §3), and so that another
+        site can import the same KEK from a domain backup. The caller wipes ``material``;
+        the backend never logs it or puts it in an error.
+        """
+        ...
+
     def destroy(self, handle: bytes) -> None: ...
 
     def handles(self) -> set[bytes]:
@@ -108,9 +121,25 @@ class KeyStore(Protocol):
         ...
 
     def activate_version(
-        self, name: str, version: int, public_key: bytes | None, wrapped: bytes | None = None
+        self,
+        name: str,
+        version: int,
+        public_key: bytes | None,
+        wrapped: bytes | None = None,
+        escrow: bytes | None = None,
     ) -> None:
         """Mark a version usable and make it the latest, in one transaction."""
+        ...
+
+    def stored_key(self, name: str) -> KeyPolicy | None:
+        """The key as stored, uncached, with versions in every state (``latest_version`` 0
+        while its creation is pending); for imports that must resume after a crash."""
+        ...
+
+    def sealed_value(self, name: str) -> SealedValue | None: ...
+
+    def put_sealed_value(self, value: SealedValue, *, only_if_absent: bool = False) -> bool:
+        """Store ``value``; with ``only_if_absent``, False (nothing written) if one exists."""
         ...
 
     def update_policy(self, policy: KeyPolicy) -> None: ...

@@ -12,10 +12,11 @@ One attempt (``Rekey``) goes through three phases, each bounded in time like gen
    new secret (hashicorp/vault#8278);
 3. *committing*: the new set replaces the old one in three steps that survive a crash at any
    point (``commit``, ``roll_forward``; docs/adr/0010-rekey-and-keyring.md):
-   (1) a pending-commit row holds the new descriptor, the member commitments and the new working
-   keys sealed under the *old* keys; (2) the HSM PINs are set to the new values (user, then
-   SO); (3) one transaction swaps the descriptor and deletes the row. An unseal with the old set
-   finishes a commit that (1) began.
+   (1) a pending-commit row holds the new descriptor, the member commitments, the new working
+   keys sealed under the *old* keys, and every sealed value resealed from the old keys to the
+   new (ADR 0012 §2); (2) the HSM PINs are set to the new values (user, then SO); (3) one
+   transaction swaps the descriptor and the resealed values in and deletes the row. An unseal
+   with the old set finishes a commit that (1) began.
 
 Cancelling or letting an attempt expire before (1) leaves nothing behind: the new shares, never
 stored, are worthless. Pure: the store, the PIN changer, the clock and randomness are ports.
@@ -34,10 +35,11 @@ from kms.custody import ShareCollector, ShareSetDescriptor, split_groups, valida
 from kms.derivation import ROOT_SECRET_BYTES, wipe
 from kms.errors import ConflictError, InvalidRequestError, StorageError
 from kms.jose import parse_public_jwk
+from kms.sealed_values import Purpose, SealedValue, reseal
 from kms.share_check import commitments
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Iterable, Mapping, Sequence
 
     from kms.custody import UnsealProgress
     from kms.derivation import RootKeys
@@ -70,15 +72,65 @@ class ShareMember:
     holder: str | None = None
 
 
+_RESEAL_ATTEMPTS = 3
+
+
+class SealedValuesChangedError(ConflictError):
+    """Step (3) found a sealed value other than the one the commit resealed; nothing written."""
+
+
+@dataclass(frozen=True, repr=False)
+class Resealed:
+    """One sealed value as the old keys sealed it, and as the new keys seal it.
+
+    Step (3) swaps ``new`` in only where the store still holds ``old``, so a value written
+    meanwhile (under the old keys) is never overwritten by a stale copy: it is resealed again.
+    """
+
+    old: SealedValue
+    new: SealedValue
+
+    def to_json(self) -> dict[str, str]:
+        return {
+            "name": self.old.name,
+            "purpose": self.old.purpose.value,
+            "old": self.old.blob.hex(),
+            "new": self.new.blob.hex(),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, str]) -> Resealed:
+        name, purpose = str(data["name"]), Purpose(data["purpose"])
+        return cls(
+            SealedValue(name, purpose, bytes.fromhex(data["old"])),
+            SealedValue(name, purpose, bytes.fromhex(data["new"])),
+        )
+
+
+def reseal_all(
+    values: Iterable[SealedValue], old: RootKeys, new: RootKeys, random: RandomSource
+) -> tuple[Resealed, ...]:
+    current = list(values)
+    return tuple(
+        Resealed(before, after)
+        for before, after in zip(current, reseal(current, old, new, random), strict=True)
+    )
+
+
 @dataclass(frozen=True, repr=False)
 class PendingCommit:
-    """The row written at step (1): enough for the old set to finish the commit alone."""
+    """The row written at step (1): enough for the old set to finish the commit alone.
+
+    ``resealed`` holds no secret in the clear: each value is sealed under keys derived from
+    the new working keys, which the row keeps sealed under the old ones.
+    """
 
     source: SetName
     descriptor: ShareSetDescriptor
     sealed_keys: bytes
     members: tuple[ShareMember, ...]
     created_at: float
+    resealed: tuple[Resealed, ...] = ()
 
     @property
     def target(self) -> SetName:
@@ -93,6 +145,7 @@ class PendingCommit:
             "descriptor": self.descriptor.to_json(),
             "sealed_keys": self.sealed_keys.hex(),
             "created_at": self.created_at,
+            "resealed": [value.to_json() for value in self.resealed],
         }
 
     @classmethod
@@ -106,6 +159,7 @@ class PendingCommit:
             sealed_keys=bytes.fromhex(data["sealed_keys"]),
             members=tuple(members),
             created_at=float(data["created_at"]),
+            resealed=tuple(Resealed.from_json(v) for v in data.get("resealed", ())),
         )
 
 
@@ -114,13 +168,20 @@ class RekeyStore(Protocol):
 
     def pending_rekey(self) -> PendingCommit | None: ...
 
+    def all_sealed_values(self) -> list[SealedValue]: ...
+
     def begin_rekey_commit(self, pending: PendingCommit) -> None:
         """Step (1): write the row and the new set's members; ``ConflictError`` if one exists."""
         ...
 
     def finish_rekey_commit(self, pending: PendingCommit) -> None:
-        """Step (3): in one transaction, make ``pending.descriptor`` the set in force and delete
-        the row; a no-op if the row is already gone and the set already in force."""
+        """Step (3): in one transaction, make ``pending.descriptor`` the set in force, put each
+        of ``pending.resealed`` in place of its old value, and delete the row; a no-op if the
+        row is already gone and the set already in force.
+
+        ``SealedValuesChangedError`` (nothing written) unless the stored values are exactly
+        the ``old`` ones of ``pending.resealed``.
+        """
         ...
 
 
@@ -377,8 +438,11 @@ class Rekey:
 
     # --- phase 3 ---------------------------------------------------------------------------
 
-    def pending_commit(self, *, now: float) -> PendingCommit:
-        """The row of step (1); made once, so that a retried commit finishes the same one."""
+    def pending_commit(self, *, now: float, sealed: Sequence[SealedValue] = ()) -> PendingCommit:
+        """The row of step (1); made once, so that a retried commit finishes the same one.
+
+        ``sealed``: the values stored now, resealed into the row (read only on the first call).
+        """
         if self._pending is None:
             assert self.new_descriptor is not None
             assert self._old_keys is not None
@@ -393,6 +457,7 @@ class Rekey:
                 ),
                 members=self._members,
                 created_at=now,
+                resealed=reseal_all(sealed, self._old_keys, self._new_keys, self._random),
             )
         return self._pending
 
@@ -423,28 +488,59 @@ def _check_nonce(given: str, expected: str, what: str, where: str) -> None:
 
 
 def commit(
-    store: RekeyStore, pins: PinChanger, pending: PendingCommit, old: RootKeys, new: RootKeys
+    store: RekeyStore,
+    pins: PinChanger,
+    pending: PendingCommit,
+    old: RootKeys,
+    new: RootKeys,
+    *,
+    random: RandomSource,
 ) -> None:
     """Steps (1) to (3). A failure after (1) leaves the row: the next unseal finishes it."""
     store.begin_rekey_commit(pending)
-    finish(store, pins, pending, old, new)
+    finish(store, pins, pending, old, new, random=random)
 
 
 def finish(
-    store: RekeyStore, pins: PinChanger, pending: PendingCommit, old: RootKeys, new: RootKeys
+    store: RekeyStore,
+    pins: PinChanger,
+    pending: PendingCommit,
+    old: RootKeys,
+    new: RootKeys,
+    *,
+    random: RandomSource,
 ) -> None:
-    """Steps (2) and (3); safe to repeat (the PIN changer and the swap are idempotent)."""
+    """Steps (2) and (3); safe to repeat (the PIN changer and the swap are idempotent).
+
+    A sealed value written after the row was made (under the old keys: no process holds the
+    new ones before step 3) makes the swap refuse; the values are then resealed as they are
+    now and the swap tried again.
+    """
     pins.change(
         old.pin_text(old.hsm_user_pin),
         new.pin_text(new.hsm_user_pin),
         old.pin_text(old.hsm_so_pin),
         new.pin_text(new.hsm_so_pin),
     )
-    store.finish_rekey_commit(pending)
+    for attempt in range(_RESEAL_ATTEMPTS):
+        try:
+            store.finish_rekey_commit(pending)
+        except SealedValuesChangedError:
+            if attempt == _RESEAL_ATTEMPTS - 1:
+                raise
+            current = reseal_all(store.all_sealed_values(), old, new, random)
+            pending = replace(pending, resealed=current)
+        else:
+            return
 
 
 def roll_forward(
-    store: RekeyStore, pins: PinChanger, descriptor: ShareSetDescriptor, old: RootKeys
+    store: RekeyStore,
+    pins: PinChanger,
+    descriptor: ShareSetDescriptor,
+    old: RootKeys,
+    *,
+    random: RandomSource,
 ) -> tuple[ShareSetDescriptor, RootKeys] | None:
     """At unseal with the set in force: finish a commit that a crash interrupted.
 
@@ -461,7 +557,7 @@ def roll_forward(
         )
     new = keyring.open_commit(old, pending.sealed_keys, pending.source, pending.target)
     try:
-        finish(store, pins, pending, old, new)
+        finish(store, pins, pending, old, new, random=random)
     except BaseException:
         new.wipe()
         raise

@@ -45,6 +45,40 @@ class TokenProvisioner(Protocol):
     def take_ownership(self, user_pin: str, so_pin: str) -> None: ...
 
 
+class BackendLogin(Protocol):
+    """How the barrier logs a process into its key backend with what the working keys unlock.
+
+    A PKCS#11 token takes the derived user PIN (``PinLogin``); a transit site's credential is
+    not derived from the root secret but stored sealed under the barrier key
+    (``hsm.transit_backend.TransitLogin``). ``login`` leaves the backend open or raises.
+    """
+
+    def login(self, backend: KeyBackend, keys: RootKeys) -> None: ...
+
+
+class PinLogin:
+    """The PKCS#11 user PIN derived from the root secret (or held in the keyring)."""
+
+    def login(self, backend: KeyBackend, keys: RootKeys) -> None:
+        pin = bytearray(keys.pin_text(keys.hsm_user_pin).encode())
+        try:
+            backend.open(pin)
+        finally:
+            wipe(pin)
+
+
+class NoToken:
+    """A site without a PKCS#11 token (transit): no token to take over at init, no PIN to
+    change at rekey. The transit credential is not derived from the root secret, so a rekey
+    only reseals it (with every other sealed value, in the commit)."""
+
+    def take_ownership(self, user_pin: str, so_pin: str) -> None:
+        del user_pin, so_pin
+
+    def change(self, old_user: str, new_user: str, old_so: str, new_so: str) -> None:
+        del old_user, new_user, old_so, new_so
+
+
 class InitStore(CustodyStore, Protocol):
     """``CustodyStore`` whose init also records the set's members (their share commitments)."""
 
@@ -123,8 +157,9 @@ class Barrier:
     anything reaches the backend.
     """
 
-    def __init__(self, backend: KeyBackend) -> None:
+    def __init__(self, backend: KeyBackend, login: BackendLogin | None = None) -> None:
         self._backend = backend
+        self._login = login or PinLogin()
         self._keys: RootKeys | None = None
         self._lock = threading.Lock()
         self._on_close: list[Callable[[], None]] = []
@@ -141,11 +176,12 @@ class Barrier:
             if self._keys is not None:
                 keys.wipe()
                 return
-            pin = bytearray(keys.pin_text(keys.hsm_user_pin).encode())
             try:
-                self._backend.open(pin)
-            finally:
-                wipe(pin)
+                self._login.login(self._backend, keys)
+            except BaseException:
+                if self._backend.is_open:  # logged in, but what follows the login failed
+                    self._backend.close()
+                raise
             self._keys = keys
 
     def replace(self, keys: RootKeys) -> None:
@@ -307,7 +343,9 @@ class Custodian:
         if self._rekeys is None or self._pins is None:
             return keys
         try:
-            rolled = rekey.roll_forward(self._rekeys, self._pins, descriptor, keys)
+            rolled = rekey.roll_forward(
+                self._rekeys, self._pins, descriptor, keys, random=self._random
+            )
         except EkmsError as exc:
             keys.wipe()
             raise BackendError(
@@ -550,8 +588,10 @@ class Custodian:
             status = attempt.status(member=progress.member)
             assert self._rekeys is not None
             assert self._pins is not None
-            pending = attempt.pending_commit(now=self._clock.now())
             try:
+                pending = attempt.pending_commit(
+                    now=self._clock.now(), sealed=self._rekeys.all_sealed_values()
+                )
                 self._rekeys.begin_rekey_commit(pending)
             except BaseException:
                 self._drop_rekey()  # nothing was written: the old set stays, alone
@@ -566,7 +606,14 @@ class Custodian:
         assert attempt.new_descriptor is not None
         pending = attempt.pending_commit(now=self._clock.now())
         try:
-            rekey.finish(self._rekeys, self._pins, pending, attempt.old_keys, attempt.new_keys)
+            rekey.finish(
+                self._rekeys,
+                self._pins,
+                pending,
+                attempt.old_keys,
+                attempt.new_keys,
+                random=self._random,
+            )
         except EkmsError as exc:
             raise BackendError(
                 f"the new share set is verified, but its commit was interrupted: {exc}. Until "

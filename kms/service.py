@@ -7,6 +7,18 @@ dropped. A crash at any step leaves a row that says what to finish, and ``reconc
 (an unfinished creation is undone, an unfinished deletion completed). So the HSM never holds a
 key that no row names. An object that no row names anyway means the registry was restored from an
 older backup: ``reconcile`` reports it and never destroys it, since data may depend on it.
+
+An AES version's material is made here, escrowed under the security-domain key and imported
+(``kms.domain``, docs/adr/0012 §3), so that a domain backup can carry it to another site; the
+escrow is stored when the row is activated. Importing a version from a domain backup
+(``import_escrowed``) takes the same three steps.
+
+A signing key's private versions never leave their site; the domain backup carries their
+public keys, which another site registers as a **verify-only** key (``import_public``,
+``KeyPolicy.origin_site``): rows with the public key and no backend object. Verification
+needs nothing else; signing and rotation are refused with a message that names the site
+that can sign. Such a version's handle is random and names no object, so ``reconcile``
+never finds it missing nor destroys anything for it.
 """
 
 from __future__ import annotations
@@ -14,6 +26,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import hmac
 import threading
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -28,11 +41,14 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from kms import domain
 from kms.derivation import wipe
 from kms.errors import (
+    ConflictError,
     InvalidCiphertextError,
     InvalidRequestError,
     NotFoundError,
+    StorageError,
 )
 from kms.keys import (
     NONCE_BYTES,
@@ -48,6 +64,7 @@ from kms.keys import (
     transit_aad,
     working_key_aad,
 )
+from kms.sealed_values import SECURITY_DOMAIN_KEY
 
 if TYPE_CHECKING:
     from kms.ports import Clock, KeyBackend, KeyStore, RandomSource
@@ -104,7 +121,10 @@ class KeyService:
         self._random = random
         self._working_keys: dict[tuple[str, int], AESGCM] = {}
         self._working_lock = threading.Lock()
+        self._domain_key: bytearray | None = None
+        self._domain_lock = threading.Lock()
         barrier.on_close(self._forget_working_keys)
+        barrier.on_close(self._forget_domain_key)
 
     # --- registry -------------------------------------------------------------------------
 
@@ -149,6 +169,7 @@ class KeyService:
 
     def rotate(self, name: str) -> KeyPolicy:
         policy = self.policy(name)
+        _require_own(policy, "rotate it")
         version = self._new_version(policy.latest_version + 1, self._clock.now())
         self._store.insert_pending_version(name, version)
         self._materialise(policy, version)
@@ -199,7 +220,8 @@ class KeyService:
             )
         self._store.mark_deleting(name)
         for version in policy.versions.values():
-            self._backend.destroy(version.handle)
+            if not policy.verify_only:  # a verify-only version has no backend object
+                self._backend.destroy(version.handle)
             self._store.discard_version(name, version.number)
         with self._working_lock:
             for number in policy.versions:
@@ -237,17 +259,232 @@ class KeyService:
         )
 
     def _materialise(self, policy: KeyPolicy, version: KeyVersion) -> None:
+        label = _label(policy.name, version.number)
+        escrow = None
         try:
-            public_key = self._backend.generate(
-                policy.key_type, version.handle, f"ekms/{policy.name}/v{version.number}"
-            )
+            if policy.key_type.is_symmetric:
+                public_key = None
+                escrow = self._make_kek(policy, version, label)
+            else:  # signing keys are never escrowed: each site makes its own
+                public_key = self._backend.generate(policy.key_type, version.handle, label)
             wrapped = None
             if policy.residency is Residency.MEMORY:
                 wrapped = self._wrap_working_key(policy.name, version)
         except BaseException:
             self._store.discard_version(policy.name, version.number)
             raise
-        self._store.activate_version(policy.name, version.number, public_key, wrapped)
+        self._store.activate_version(policy.name, version.number, public_key, wrapped, escrow)
+
+    def _make_kek(self, policy: KeyPolicy, version: KeyVersion, label: str) -> bytes:
+        """Draw the KEK, escrow it, import it, wipe it; returns the escrow."""
+        sdk = self._domain_key_copy()
+        material = bytearray(self._random.bytes(domain.KEK_BYTES))
+        try:
+            escrow = domain.wrap_escrow(
+                sdk, policy.name, version.number, policy.key_type, material, random=self._random
+            )
+            self._backend.import_key(version.handle, policy.key_type, material, label)
+        finally:
+            wipe(material)
+            wipe(sdk)
+        return escrow
+
+    # --- the security-domain key and KEK escrow (docs/adr/0012 §3) ------------------------
+
+    def open_domain_key(self, *, create: bool) -> bool:
+        """Open the security-domain key for this unseal, first making it on a node with none.
+
+        ``create`` is False while a domain backup waits to be imported: the backup brings the
+        domain's key, and one made here would split the domain. Workers and nodes may race to
+        make it; the first one stored wins and the others open it. Returns whether this
+        process now holds the key.
+        """
+        keys = self._barrier.require_open()
+        with self._domain_lock:
+            if self._domain_key is not None:
+                return True
+            sealed = self._store.sealed_value(SECURITY_DOMAIN_KEY)
+            if sealed is None:
+                if not create:
+                    return False
+                sdk, fresh = domain.new_domain_key(keys, self._random)
+                if self._store.put_sealed_value(fresh, only_if_absent=True):
+                    self._domain_key = sdk
+                    return True
+                wipe(sdk)
+                sealed = self._store.sealed_value(SECURITY_DOMAIN_KEY)
+                if sealed is None:
+                    raise StorageError("the security-domain key was stored and is gone again")
+            self._domain_key = domain.open_domain_key(keys, sealed)
+            return True
+
+    def _domain_key_copy(self) -> bytearray:
+        """A copy for one use (the caller wipes it): sealing wipes the original at any time."""
+        if not self.open_domain_key(create=False):
+            raise StorageError(
+                "this node holds no security-domain key, so no KEK can be made: a domain "
+                "backup is still waiting to be imported, or the key was removed from the store"
+            )
+        with self._domain_lock:
+            if self._domain_key is None:
+                raise StorageError("the node was sealed while a key was being made")
+            return bytearray(self._domain_key)
+
+    def same_domain_key(self, other: bytes | bytearray) -> bool:
+        """Whether ``other`` (a backup's security-domain key) is this node's."""
+        sdk = self._domain_key_copy()
+        try:
+            return hmac.compare_digest(bytes(sdk), bytes(other))
+        finally:
+            wipe(sdk)
+
+    def escrow_opens(self, name: str, key_type: KeyType, version: KeyVersion) -> bool:
+        """Whether the version's escrow opens with this node's security-domain key."""
+        if version.escrow is None:
+            return False
+        sdk = self._domain_key_copy()
+        try:
+            material = domain.unwrap_escrow(sdk, name, version.number, key_type, version.escrow)
+        except domain.EscrowError:
+            return False
+        finally:
+            wipe(sdk)
+        wipe(material)
+        return True
+
+    def import_escrowed(
+        self,
+        template: KeyPolicy,
+        number: int,
+        escrow: bytes,
+        wrapped_working_key: bytes | None,
+        *,
+        resume: bool,
+    ) -> bool:
+        """Import one KEK version from its escrow (a domain backup); False if already here.
+
+        The caller has made sure that the escrow is under this node's security-domain key.
+        Same crash-safe steps as a new version: a pending row, the backend object, then the
+        active row with the escrow. A version already active here with the same escrow is
+        skipped; with another escrow it is a ``ConflictError``. With ``resume`` (the import at
+        unseal, which nothing else runs at the same time) a pending row left by a crash is
+        undone and the version imported again; otherwise a pending row means someone is
+        changing that version here right now, also a conflict.
+        """
+        self._barrier.require_open()
+        name = template.name
+        stored = self._store.stored_key(name)
+        if stored is not None and stored.key_type is not template.key_type:
+            raise ConflictError(
+                f"key {name!r} is {stored.key_type.value} here and {template.key_type.value} "
+                "in the backup"
+            )
+        existing = None if stored is None else stored.versions.get(number)
+        if existing is not None:
+            if existing.state is VersionState.ACTIVE:
+                if existing.escrow is not None and hmac.compare_digest(existing.escrow, escrow):
+                    return False
+                raise ConflictError(
+                    f"key {name!r} version {number} exists here with other key material: both "
+                    "sites made a version with that number"
+                )
+            if existing.state is not VersionState.PENDING or not resume:
+                raise ConflictError(
+                    f"key {name!r} version {number} is being created or deleted here; retry"
+                )
+            if existing.handle in self._backend.handles():
+                self._backend.destroy(existing.handle)
+            self._store.discard_version(name, number)
+            stored = self._store.stored_key(name)  # the key row goes with its last version
+        version = self._new_version(number, self._clock.now())
+        if stored is None:
+            self._store.insert_pending_key(
+                template.with_changes(latest_version=0, versions={}), version
+            )
+        else:
+            self._store.insert_pending_version(name, version)
+        try:
+            sdk = self._domain_key_copy()
+            try:
+                material = domain.unwrap_escrow(sdk, name, number, template.key_type, escrow)
+            finally:
+                wipe(sdk)
+            try:
+                self._backend.import_key(
+                    version.handle, template.key_type, material, _label(name, number)
+                )
+            finally:
+                wipe(material)
+        except BaseException:
+            self._store.discard_version(name, number)
+            raise
+        self._store.activate_version(name, number, None, wrapped_working_key, escrow)
+        return True
+
+    def import_public(
+        self, template: KeyPolicy, number: int, public_key: bytes, *, resume: bool
+    ) -> bool:
+        """Register one public version of another site's signing key; False if already here.
+
+        ``template.origin_site`` names the site that holds the private key. Nothing reaches
+        the backend: a pending row with a random handle that names no object, then the active
+        row with the public key, so a crash between the two leaves a pending row that the
+        next ``resume`` or ``reconcile`` drops. A version active here with the same public key
+        is skipped; with another public key, or a version missing from a key of this site's
+        own or of another origin, it is a ``ConflictError``. ``resume`` as for
+        ``import_escrowed``.
+        """
+        self._barrier.require_open()
+        name, origin = template.name, template.origin_site
+        if origin is None or template.key_type.is_symmetric:
+            raise InvalidRequestError("only signing keys of another site are imported public")
+        stored = self._store.stored_key(name)
+        if stored is not None:
+            if stored.key_type is not template.key_type:
+                raise ConflictError(
+                    f"key {name!r} is {stored.key_type.value} here and "
+                    f"{template.key_type.value} in the backup"
+                )
+            existing = stored.versions.get(number)
+            if existing is not None and existing.state is VersionState.ACTIVE:
+                if existing.public_key == public_key:
+                    return False
+                raise ConflictError(
+                    f"key {name!r} version {number} exists here with another public key: two "
+                    "sites made a signing key of that name"
+                )
+            if stored.origin_site != origin:
+                held = (
+                    "this site's own key"
+                    if stored.origin_site is None
+                    else f"verify-only from site {stored.origin_site!r}"
+                )
+                raise ConflictError(
+                    f"key {name!r} is {held} here, and the backup carries a version {number} "
+                    f"of it from site {origin!r}"
+                )
+            if existing is not None:
+                if existing.state is not VersionState.PENDING or not resume:
+                    raise ConflictError(
+                        f"key {name!r} version {number} is being created or deleted here; retry"
+                    )
+                self._store.discard_version(name, number)  # a crash's leftover; no object
+                stored = self._store.stored_key(name)
+        version = self._new_version(number, self._clock.now())
+        if stored is None:
+            self._store.insert_pending_key(
+                template.with_changes(latest_version=0, versions={}), version
+            )
+        else:
+            self._store.insert_pending_version(name, version)
+        self._store.activate_version(name, number, public_key)
+        return True
+
+    def _forget_domain_key(self) -> None:
+        with self._domain_lock:
+            sdk, self._domain_key = self._domain_key, None
+            if sdk is not None:
+                wipe(sdk)
 
     # --- envelope encryption --------------------------------------------------------------
 
@@ -316,6 +553,7 @@ class KeyService:
         self._barrier.require_open()
         if policy.key_type.is_symmetric:
             raise InvalidRequestError(f"key type {policy.key_type.value} does not support signing")
+        _require_own(policy, "sign")
         key_version = policy.version_for_encryption(version)
         if policy.key_type is KeyType.ED25519:
             if prehashed:
@@ -333,6 +571,7 @@ class KeyService:
         self._barrier.require_open()
         if policy.key_type is not KeyType.ECDSA_P256:
             raise InvalidRequestError("JWS signing needs an ecdsa-p256 key")
+        _require_own(policy, "sign")
         key_version = policy.version_for_encryption(None)
         digest = hashlib.sha256(signing_input).digest()
         return self._backend.sign(key_version.handle, policy.key_type, digest), key_version.number
@@ -425,6 +664,22 @@ class KeyService:
     def _require_symmetric(policy: KeyPolicy, what: str) -> None:
         if not policy.key_type.is_symmetric:
             raise InvalidRequestError(f"key type {policy.key_type.value} does not support {what}")
+
+
+def _require_own(policy: KeyPolicy, what: str) -> None:
+    """A verify-only key has no private key here: say where to go instead of failing in the
+    backend over an object that does not exist."""
+    if policy.origin_site is not None:
+        raise ConflictError(
+            f"key {policy.name!r} is a verify-only key imported from site "
+            f"{policy.origin_site!r}: {what} at its home site {policy.origin_site!r}, or create "
+            "a new key here"
+        )
+
+
+def _label(name: str, version: int) -> str:
+    """The backend object's label: ``hsm.pkcs11_backend`` counts ``ekms/`` objects as ours."""
+    return f"ekms/{name}/v{version}"
 
 
 def _der_from_raw(raw: bytes) -> bytes:

@@ -62,6 +62,9 @@ transit_keys = Table(
     Column("deletion_allowed", Boolean, nullable=False),
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
+    # A verify-only key (migration 0008): the site whose backend holds its private versions;
+    # this site has their public keys only, from a domain backup (kms.domain_backup).
+    Column("origin_site", String(64), nullable=True),
 )
 
 key_versions = Table(

@@ -33,10 +33,11 @@ from kms.errors import ConflictError, InvalidRequestError, StorageError
 from kms.identity import Principal, Role
 from kms.keys import Classification, KeyPolicy, KeyType, KeyVersion, Residency, VersionState
 from kms.merkle import HASH_SIZE, CompactRange, leaf_hash
-from kms.rekey import PendingCommit, ShareMember
+from kms.rekey import PendingCommit, SealedValuesChangedError, ShareMember
 from kms.review import Campaign
 from kms.review_service import LastOfficerError
 from kms.sealed_values import Purpose, SealedValue
+from kms.sites import SiteRecord, StatusChange
 from storage.schema import (
     approvals,
     audit_heads,
@@ -54,6 +55,7 @@ from storage.schema import (
     share_challenges,
     share_checks,
     share_members,
+    sites,
     tokens,
     transit_keys,
 )
@@ -75,6 +77,9 @@ _LOCK_WAIT_SECONDS = 10.0
 _CHECKPOINT_SECONDS = 0.5
 _SQLITE_BUSY = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
 _SWEEP_SECONDS = 60.0
+# meta rows of a loaded domain backup (api.routes_domain): the document, and who imports it
+_DOMAIN_IMPORT = "domain_import"
+_DOMAIN_IMPORT_CLAIM = "domain_import_claim"
 # Set once a request (its asyncio task, its context) has read the registry generation: every
 # later read in the same request uses that answer, and any write in it clears the flag.
 _GENERATION_READ: contextvars.ContextVar[bool] = contextvars.ContextVar(
@@ -150,6 +155,7 @@ class _RegistryCache:
         self.principals: dict[str, Principal] = {}
         self.revoked: frozenset[str] | None = None
         self.emergency: tuple[dict[str, Any]] | None = None
+        self.sites: dict[str, SiteRecord] | None = None
 
 
 class SqlStore:
@@ -397,6 +403,7 @@ class SqlStore:
                     .where(meta.c.name == "share_set")
                     .values(value=json.dumps(pending.descriptor.to_json()), updated_at=now)
                 )
+                _swap_resealed(conn, pending, now)
                 conn.execute(delete(meta).where(meta.c.name == "rekey_commit"))
                 self._bump(conn)
         except SQLAlchemyError as exc:
@@ -557,6 +564,227 @@ class SqlStore:
             ).all()
         return [Drill.from_json(json.loads(r[0])) for r in rows]
 
+    # --- sealed backend credential (hsm.transit_backend.TransitLogin) ------------------------
+
+    def replace_sealed_value(self, value: SealedValue, *, expected: bytes) -> bool:
+        """Put ``value`` in place of the stored blob ``expected``; False if that is not stored.
+
+        Compare-and-swap, so that a credential sealed under keys a rekey has since replaced
+        (the rekey resealed the blob) or a concurrent rotation is never overwritten.
+        """
+        try:
+            with self._engine.begin() as conn:
+                done = conn.execute(
+                    update(sealed_values)
+                    .where(sealed_values.c.name == value.name)
+                    .where(sealed_values.c.blob == expected)
+                    .values(purpose=value.purpose.value, blob=value.blob, updated_at=time.time())
+                )
+        except SQLAlchemyError as exc:
+            raise StorageError("metadata store unavailable") from exc
+        return bool(done.rowcount == 1)
+
+    # --- domain backup (kms.domain_backup, api.routes_domain) ----------------------------------
+
+    def load_domain(
+        self,
+        descriptor: ShareSetDescriptor,
+        members: Sequence[ShareMember],
+        document: str,
+        at: float,
+    ) -> None:
+        """A new node takes a domain backup's share set and keeps the backup for its first
+        unseal, in one transaction; ``ConflictError`` if it is initialised or being so."""
+        try:
+            with self._engine.begin() as conn:
+                conn.execute(
+                    insert(meta).values(
+                        name="init",
+                        value=json.dumps({"state": "done", "by": "domain-load"}),
+                        updated_at=at,
+                    )
+                )
+                conn.execute(
+                    insert(meta).values(
+                        name="share_set", value=json.dumps(descriptor.to_json()), updated_at=at
+                    )
+                )
+                _insert_members(conn, (descriptor.identifier, descriptor.generation), members, at)
+                conn.execute(
+                    insert(meta).values(name=_DOMAIN_IMPORT, value=document, updated_at=at)
+                )
+                self._bump(conn)
+        except IntegrityError:
+            raise ConflictError(
+                "this node is initialised already: a domain backup is loaded only on a new node"
+            ) from None
+        except SQLAlchemyError as exc:
+            raise StorageError("metadata store unavailable") from exc
+
+    def pending_domain_import(self) -> str | None:
+        """The loaded backup (its JSON) while its import has not finished."""
+        try:
+            with self._engine.connect() as conn:
+                row = conn.execute(
+                    select(meta.c.value).where(meta.c.name == _DOMAIN_IMPORT)
+                ).first()
+        except SQLAlchemyError as exc:
+            raise StorageError("metadata store unavailable") from exc
+        return None if row is None else str(row[0])
+
+    def claim_domain_import(self, holder: str, now: float, stale_after: float) -> bool:
+        """Take the one import lock of the store; False while another holder's is fresh.
+
+        Workers and nodes sharing the store import one at a time; a holder that died is
+        replaced once its claim is ``stale_after`` seconds old.
+        """
+        claim = json.dumps({"holder": holder, "at": now})
+        try:
+            with self._engine.begin() as conn:
+                row = conn.execute(
+                    select(meta.c.value).where(meta.c.name == _DOMAIN_IMPORT_CLAIM)
+                ).first()
+                if row is None:
+                    conn.execute(
+                        insert(meta).values(name=_DOMAIN_IMPORT_CLAIM, value=claim, updated_at=now)
+                    )
+                    return True
+                if float(json.loads(row[0]).get("at", 0.0)) > now - stale_after:
+                    return False
+                taken = conn.execute(
+                    update(meta)
+                    .where(meta.c.name == _DOMAIN_IMPORT_CLAIM, meta.c.value == row[0])
+                    .values(value=claim, updated_at=now)
+                ).rowcount
+                return bool(taken == 1)
+        except IntegrityError:
+            return False
+        except SQLAlchemyError as exc:
+            raise StorageError("metadata store unavailable") from exc
+
+    def release_domain_import(self, holder: str, *, finished: bool) -> None:
+        """Drop ``holder``'s claim; with ``finished``, the loaded backup too (the last step)."""
+        try:
+            with self._engine.begin() as conn:
+                row = conn.execute(
+                    select(meta.c.value).where(meta.c.name == _DOMAIN_IMPORT_CLAIM)
+                ).first()
+                if row is not None and json.loads(row[0]).get("holder") == holder:
+                    conn.execute(delete(meta).where(meta.c.name == _DOMAIN_IMPORT_CLAIM))
+                if finished:
+                    conn.execute(delete(meta).where(meta.c.name == _DOMAIN_IMPORT))
+        except SQLAlchemyError as exc:
+            raise StorageError("metadata store unavailable") from exc
+
+    # --- sites (kms.sites) ------------------------------------------------------------------
+
+    def sites(self) -> list[SiteRecord]:
+        """Every site this site knows, by name."""
+        return list(self._site_map().values())
+
+    def site(self, name: str) -> SiteRecord | None:
+        """One site's row; every key operation reads this site's own (``require_serving``)."""
+        return self._site_map().get(name)
+
+    def _site_map(self) -> dict[str, SiteRecord]:
+        """The whole table, cached per registry generation: a handful of rows, all small."""
+        cache = self._current()
+        found = cache.sites
+        if found is None:
+            with self._reading() as conn:
+                rows = conn.execute(select(sites).order_by(sites.c.name)).all()
+            found = cache.sites = {row.name: self._site_record(row) for row in rows}
+        return found
+
+    def insert_site(self, record: SiteRecord, *, only_if_absent: bool = False) -> bool:
+        """Add a row; with ``only_if_absent``, False (nothing written) if the name is taken."""
+        row = self._site_row(record)
+        try:
+            with self._writing() as conn:
+                conn.execute(insert(sites).values(**row))
+        except IntegrityError:
+            if only_if_absent:
+                return False
+            raise ConflictError(f"site {record.name!r} is already registered") from None
+        return True
+
+    def set_site_audit_key(self, name: str, jwk: Mapping[str, str], at: float) -> bool:
+        with self._writing() as conn:
+            count = conn.execute(
+                update(sites)
+                .where(sites.c.name == name)
+                .values(audit_public_key=self._jwk_text(jwk), updated_at=at)
+            ).rowcount
+        return bool(count)
+
+    def change_site_statuses(
+        self, changes: Sequence[StatusChange], at: float, *, revoke_tokens: bool = False
+    ) -> bool:
+        """Every change, each only if its row still has the status expected, or none at all.
+
+        A compare-and-set, so two nodes cannot both act on one decision. The generation is
+        bumped first: its row lock makes registry changes take turns. ``revoke_tokens``
+        revokes every token issued here, access tokens and root tokens, in the same
+        transaction (a retired site keeps no authority).
+        """
+        try:
+            with self._engine.connect() as conn, conn.begin() as transaction:
+                self._bump(conn)
+                for change in changes:
+                    count = conn.execute(
+                        update(sites)
+                        .where(sites.c.name == change.name, sites.c.status == change.expect.value)
+                        .values(status=change.status.value, updated_at=at)
+                    ).rowcount
+                    if count != 1:
+                        transaction.rollback()
+                        return False
+                if revoke_tokens:
+                    conn.execute(
+                        update(issued_tokens)
+                        .where(issued_tokens.c.revoked_at.is_(None))
+                        .values(revoked_at=at)
+                    )
+                    conn.execute(
+                        update(tokens).where(tokens.c.revoked_at.is_(None)).values(revoked_at=at)
+                    )
+        except SQLAlchemyError as exc:
+            raise StorageError("metadata store unavailable") from exc
+        return True
+
+    @staticmethod
+    def _site_row(record: SiteRecord) -> dict[str, Any]:
+        key = record.audit_public_key
+        return {
+            "name": record.name,
+            "kind": record.kind.value,
+            "backend": record.backend.value,
+            "status": record.status.value,
+            "url": record.url,
+            "audit_public_key": None if key is None else SqlStore._jwk_text(key),
+            "registered_at": record.registered_at,
+            "updated_at": record.updated_at,
+            "note": record.note,
+        }
+
+    @staticmethod
+    def _jwk_text(jwk: Mapping[str, str]) -> str:
+        return orjson.dumps(dict(jwk), option=orjson.OPT_SORT_KEYS).decode()
+
+    @staticmethod
+    def _site_record(row: Any) -> SiteRecord:
+        try:
+            return SiteRecord.from_json(
+                {
+                    **row._asdict(),
+                    "audit_public_key": (
+                        None if row.audit_public_key is None else orjson.loads(row.audit_public_key)
+                    ),
+                }
+            )
+        except (orjson.JSONDecodeError, InvalidRequestError) as exc:
+            raise StorageError(f"the stored row of site {row.name!r} is corrupt") from exc
+
     # --- tokens ---------------------------------------------------------------------------
 
     def find_token(self, token_hash: bytes) -> tuple[str, Sequence[str]] | None:
@@ -612,13 +840,18 @@ class SqlStore:
         return _cached(self._current().policies, name, self._load_policy)
 
     def _load_policy(self, name: str) -> KeyPolicy | None:
+        policy = self.stored_key(name)
+        if policy is None or policy.latest_version == 0:
+            return None  # creation still pending: not visible yet
+        return policy
+
+    def stored_key(self, name: str) -> KeyPolicy | None:
+        """Uncached, with versions in every state; ``latest_version`` 0 while pending."""
         with self._reading() as conn:
             key = conn.execute(select(transit_keys).where(transit_keys.c.name == name)).first()
             if key is None:
                 return None
             rows = conn.execute(select(key_versions).where(key_versions.c.key_name == name)).all()
-        if key.latest_version == 0:
-            return None  # creation still pending: not visible yet
         return KeyPolicy(
             name=key.name,
             key_type=KeyType(key.key_type),
@@ -630,6 +863,7 @@ class SqlStore:
             min_encryption_version=key.min_encryption_version,
             deletion_allowed=key.deletion_allowed,
             versions={r.version: _version(r) for r in rows},
+            origin_site=key.origin_site,
         )
 
     def list_names(self) -> list[str]:
@@ -657,6 +891,7 @@ class SqlStore:
                         deletion_allowed=policy.deletion_allowed,
                         created_at=policy.created_at,
                         updated_at=policy.created_at,
+                        origin_site=policy.origin_site,
                     )
                 )
                 conn.execute(insert(key_versions).values(**_version_row(policy.name, version)))
@@ -673,7 +908,12 @@ class SqlStore:
             ) from None
 
     def activate_version(
-        self, name: str, version: int, public_key: bytes | None, wrapped: bytes | None = None
+        self,
+        name: str,
+        version: int,
+        public_key: bytes | None,
+        wrapped: bytes | None = None,
+        escrow: bytes | None = None,
     ) -> None:
         with self._engine.begin() as conn:
             self._bump(conn)
@@ -684,6 +924,7 @@ class SqlStore:
                     state=VersionState.ACTIVE.value,
                     public_key=public_key,
                     wrapped_working_key=wrapped,
+                    escrow=escrow,
                 )
             )
             conn.execute(
@@ -1392,6 +1633,27 @@ class SqlStore:
         return inserted == 1
 
 
+def _swap_resealed(conn: Any, pending: PendingCommit, now: float) -> None:
+    """Step (3) of a rekey: each value resealed for the new set, where the old one still is.
+
+    A compare-and-swap on the whole blob (after the descriptor's update has taken the write
+    lock): a value written or added since the row was made raises, and the caller's
+    transaction rolls back, descriptor included.
+    """
+    for value in pending.resealed:
+        done = conn.execute(
+            update(sealed_values)
+            .where(sealed_values.c.name == value.old.name)
+            .where(sealed_values.c.blob == value.old.blob)
+            .values(blob=value.new.blob, updated_at=now)
+        )
+        if done.rowcount != 1:
+            raise SealedValuesChangedError(f"sealed value {value.old.name!r} changed")
+    stored = set(conn.execute(select(sealed_values.c.name)).scalars())
+    if stored != {value.old.name for value in pending.resealed}:
+        raise SealedValuesChangedError("a sealed value was added or removed")
+
+
 def _insert_members(conn: Any, name: SetName, members: Sequence[ShareMember], now: float) -> None:
     if not members:
         return
@@ -1595,6 +1857,7 @@ def _version_row(name: str, version: KeyVersion) -> dict[str, Any]:
         "created_at": version.created_at,
         "public_key": version.public_key,
         "wrapped_working_key": version.wrapped_working_key,
+        "escrow": version.escrow,
     }
 
 
@@ -1608,4 +1871,5 @@ def _version(row: Any) -> KeyVersion:
         wrapped_working_key=(
             None if row.wrapped_working_key is None else bytes(row.wrapped_working_key)
         ),
+        escrow=None if row.escrow is None else bytes(row.escrow),
     )

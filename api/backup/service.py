@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
 REFRESH_MARGIN_S = 60.0  # a token this close to expiry is renewed before use
 _MAX_BODY = 64 << 20
+# How an unsealed site that is not active (standby, failed-over, retired) words its 503.
+SITE_REFUSAL = "this site is "
 
 
 class ServiceError(RefusedError):
@@ -36,6 +38,8 @@ class ServiceError(RefusedError):
         reason = {401: Reason.UNAUTHENTICATED, 503: Reason.SEALED}.get(status, Reason.DENIED)
         if status not in (401, 403, 503):
             reason = Reason.SERVICE_ERROR
+        elif status == 503 and errors and errors[0].startswith(SITE_REFUSAL):
+            reason = Reason.WRONG_SITE  # unsealed, but not the active site (ADR 0012 §6)
         super().__init__(
             reason, "; ".join(errors) or "no message", status=status, request_id=request_id
         )

@@ -39,6 +39,7 @@ from api.backup.restore import HASH_THREAD_MIN_BYTES, RestoreOptions, _Hasher, r
 from api.backup.service import MachineSession, Service
 from api.cli import main
 from tests.integration.test_access import Party, World, file_restore, world  # noqa: F401
+from tests.support.sites import SiteProcess, SiteSpec, bootstrap, data, provision, start_all
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -745,6 +746,111 @@ def test_manifest_signature_is_checked_against_the_service_key(
     assert "not the expected" in err
 
 
-@pytest.mark.skip(reason="the sites issue (failover to another site) has not landed")
-def test_restore_at_another_site_after_failover() -> None:
-    """Seal at one site, fail over, restore at the other: waits for the sites issue."""
+# --- another site, after a failover (issue 6) ---------------------------------------------
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, str, str]:
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.slow
+def test_restore_at_another_site_after_failover(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sealed at home; home is lost; restored at the embassy once the officials fail over.
+
+    Two real server processes (``tests.support.sites``): a site's SoftHSM token cannot share
+    a process with another's. The embassy is provisioned from home's domain backup before the
+    loss. The manifest was signed at home, by a key that never leaves home's HSM: its public
+    versions reached the embassy with the backup (verify-only), so the tool verifies the
+    manifest with the service's key there as it would at home.
+    """
+    monkeypatch.delenv("EKMS_AUDIENCE", raising=False)
+    officials = [Party.ec(f"official-{n}") for n in range(3)]
+    officer, operator = Party.ec("officer"), Party.ec("operator")
+    tool, writer = Party.ed("restore-tool"), Party.ec("backup-writer")
+    home = SiteProcess(SiteSpec("home", "home", tmp_path / "home"))
+    embassy = SiteProcess(SiteSpec("embassy", "embassy", tmp_path / "embassy"))
+    try:
+        start_all([home, embassy])
+        shares, root = bootstrap(
+            home,
+            officials=officials,
+            officer=officer,
+            others={
+                "restore-operator": [operator],
+                "restore-tool": [tool],
+                "backup-writer": [writer],
+            },
+        )
+        token = home.login(officer)
+        data(home.call("POST", "transit/keys/laws", token, {"classification": "internal"}))
+        data(home.call("POST", "transit/keys/backup-manifest", token, {"type": "ecdsa-p256"}))
+        writer_key, tool_key = tmp_path / "writer.jwk", tmp_path / "tool.pem"
+        writer_key.write_text(json.dumps(writer.private_jwk()))
+        tool_key.write_bytes(tool.private_pem())
+
+        src = make_tree(tmp_path / "src")
+        archive = tmp_path / "laws.ekms"
+        code, _, err = run_cli(
+            capsys,
+            *("backup", "seal", src, "--dataset", "laws", "--site", "home", "--out", archive),
+            *("--principal", writer.id, "--key", writer_key, "--quiet", "-address", home.url),
+        )
+        assert code == 0, err
+        home.register_site(root, embassy)
+        home_key = data(home.call("GET", "transit/keys/backup-manifest", token))["keys"]["1"]
+        provision(home, token, embassy, shares[1:])
+        home.destroy()
+        there = data(embassy.call("GET", "transit/keys/backup-manifest", embassy.login(officer)))
+        assert there["keys"]["1"]["public_key"] == home_key["public_key"]
+
+        payload = {
+            "datasets": ["laws"],
+            "reason": "disaster-recovery",
+            "justification": "home site lost",
+            "tool": tool.id,
+            "ttl": 600,
+        }
+        request = data(embassy.propose(operator, "restore", payload))
+        assert request["payload"]["site"] == "embassy"
+        for official in officials[:2]:
+            data(embassy.approve(official, request))
+
+        def restore_at_embassy(target: Path) -> tuple[int, str, str]:
+            return run_cli(
+                capsys,
+                *("restore", archive, "--request", request["id"], "--to", target),
+                *("--principal", tool.id, "--key", tool_key, "--audience", embassy.audience),
+                *("--quiet", "-address", embassy.url),
+            )
+
+        # A standby embassy serves no key operation: refused, with nothing written.
+        early = tmp_path / "too-early"
+        code, _, err = restore_at_embassy(early)
+        assert code == 2, err
+        assert "refused: wrong-site: this site is standby" in err
+        assert written(early) == []
+
+        embassy.decided(
+            "site-failover", {"previous": "home", "justification": "home site lost"}, officials
+        )
+        target = tmp_path / "restored"
+        code, out, err = restore_at_embassy(target)
+        assert code == 0, err
+        assert "Restored 6 objects" in out
+        assert "sealed at site home" in out
+        assert tree(target) == tree(src)
+        unwraps = embassy.records(embassy.login(officer), "transit.decrypt")
+        assert unwraps
+        assert {(r["principal"], r["details"]["grant"]) for r in unwraps} == {
+            (tool.id, request["id"])
+        }
+    finally:
+        for site in (home, embassy):
+            site.stop()

@@ -27,7 +27,9 @@ from kms import jwe, keyring
 from kms.custody import recover_secret
 from kms.derivation import RootKeys
 from kms.jose import parse_public_jwk
+from kms.ports import SystemRandom
 from kms.rekey import RekeyPlan
+from kms.sealed_values import BACKEND_CREDENTIAL, Purpose, open_value, seal
 from tests.conftest import ServerThread, make_settings
 from tests.integration.test_access import Party, World
 
@@ -130,11 +132,30 @@ def decrypts(vault: hvac.Client, ciphertext: str, plaintext: bytes) -> bool:
     return base64.b64decode(out) == plaintext
 
 
+SEALED = b'{"token":"sealed before the rekey"}'
+
+
+def seal_a_value(store: Any, keys: RootKeys) -> None:
+    """A value sealed under the barrier key, as a transit site's credential is (ADR 0012 §2)."""
+    value = seal(keys, BACKEND_CREDENTIAL, Purpose.BARRIER, SEALED, SystemRandom())
+    assert store.put_sealed_value(value, only_if_absent=True)
+
+
+def assert_resealed(store: Any, keys: RootKeys) -> None:
+    """Every sealed value opens with the new set's keys (the rekey commit resealed them)."""
+    values = store.all_sealed_values()
+    assert BACKEND_CREDENTIAL in {v.name for v in values}
+    for value in values:
+        opened = open_value(keys, value)
+        assert value.name != BACKEND_CREDENTIAL or bytes(opened) == SEALED
+
+
 def test_full_rekey_with_hvac_replaces_the_set_and_the_hsm_pins(custody_any_db: Custody) -> None:
     custody = custody_any_db
     vault = custody.vault()
     old = custody.shares
     old_keys = custody.keys_of(old[:2])
+    seal_a_value(custody.server.runtime.store, old_keys)
     ciphertext = encrypt(vault, b"constitution")
     started = vault.sys.start_rekey(secret_shares=5, secret_threshold=3, require_verification=True)
     assert (started["started"], started["t"], started["n"], started["required"]) == (True, 3, 5, 2)
@@ -173,6 +194,7 @@ def test_full_rekey_with_hvac_replaces_the_set_and_the_hsm_pins(custody_any_db: 
     assert pins.opens(new_keys.pin_text(new_keys.hsm_user_pin))
     assert pins.opens(new_keys.pin_text(new_keys.hsm_so_pin), security_officer=True)
     assert decrypts(vault, ciphertext, b"constitution")  # the session outlived the PIN change
+    assert_resealed(custody.server.runtime.store, new_keys)
 
     vault.sys.seal()
     with pytest.raises(hvac.exceptions.InvalidRequest, match="another share set"):
@@ -408,8 +430,9 @@ def test_a_commit_killed_midway_is_finished_by_the_next_unseal(tmp_path: Path, p
     runtime = create_runtime(settings, module=prepare_hsm(settings))
     result = runtime.initialise(2, 3)
     old = result.mnemonics
-    runtime.close()
     old_keys = RootKeys.derive(recover_secret(old[:2]))
+    seal_a_value(runtime.store, old_keys)
+    runtime.close()
     pins = TokenPins(module=find_module(), token_label=settings.token_label)
 
     context = multiprocessing.get_context("spawn")
@@ -440,6 +463,7 @@ def test_a_commit_killed_midway_is_finished_by_the_next_unseal(tmp_path: Path, p
         assert descriptor.generation == 1
         assert store.pending_rekey() is None
         new_keys = keyring.unlock(descriptor, recover_secret(new[:2]))
+        assert_resealed(store, new_keys)  # rolled forward with the descriptor
         assert not pins.opens(old_keys.pin_text(old_keys.hsm_user_pin))
         assert pins.opens(new_keys.pin_text(new_keys.hsm_user_pin))
         assert pins.opens(new_keys.pin_text(new_keys.hsm_so_pin), security_officer=True)

@@ -16,6 +16,11 @@ import hvac.exceptions
 import pytest
 import requests
 
+from kms import keyring
+from kms.custody import recover_secret
+from kms.derivation import RootKeys
+from storage.sql_store import SqlStore
+from tests.integration.test_rekey_api import assert_resealed, seal_a_value
 from tests.integration.test_server_process import ServerProcess, cli, ekms, server_config
 
 if TYPE_CHECKING:
@@ -33,6 +38,8 @@ def test_rekey_with_the_cli_reaches_every_worker_and_survives_a_restart(
     root, old = init["root_token"], init["keys"]
     client.token = root
     client.sys.submit_unseal_keys(old[:2])
+    store = SqlStore.open(f"sqlite:///{tmp_path / 'data' / 'ekms.db'}", run_migrations=False)
+    seal_a_value(store, RootKeys.derive(recover_secret(old[:2])))
     client.secrets.transit.create_key("registry")
     context = base64.b64encode(b"dataset=land-register").decode()
     wrapped = [
@@ -103,4 +110,8 @@ def test_rekey_with_the_cli_reaches_every_worker_and_survives_a_restart(
     for share in new[1:]:
         assert cli(ekms, "operator", "unseal", "--file", "-", stdin=share).returncode == 0
     decrypt_all()
+    descriptor = store.get_share_set()
+    assert descriptor is not None
+    assert_resealed(store, keyring.unlock(descriptor, recover_secret(new[1:])))
+    store.dispose()
     assert "Traceback" not in (tmp_path / "server.log").read_text()

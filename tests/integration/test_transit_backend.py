@@ -14,9 +14,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import os
 import socket
+import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +37,12 @@ from pkcs11 import KeyType as P11KeyType
 from api.runtime import prepare_hsm
 from hsm.pkcs11_backend import _LIB_LOCK, Pkcs11Backend, load_library
 from hsm.templates import SECRET_KEY
-from hsm.transit_backend import TransitBackend, TransitConfig, TransitCredential
+from hsm.transit_backend import (
+    CredentialRefusedError,
+    TransitBackend,
+    TransitConfig,
+    TransitCredential,
+)
 from kms.errors import BackendError, ConflictError, InvalidCiphertextError, InvalidRequestError
 from kms.keys import KeyType, format_ciphertext, parse_ciphertext, transit_aad, working_key_aad
 from tests.conftest import make_settings
@@ -127,11 +135,12 @@ def prefix() -> str:
 
 
 def make_transit(
-    bao: OpenBaoDevServer, prefix: str, random: Any = None, **config: Any
+    bao: OpenBaoDevServer, prefix: str, random: Any = None, *, renew: bool = True, **config: Any
 ) -> TransitBackend:
     return TransitBackend(
         TransitConfig(url=bao.url, mount=MOUNT, key_prefix=prefix, **config),
         random=random or RecordingRandom(),
+        renew=renew,
     )
 
 
@@ -496,6 +505,164 @@ def test_a_refused_or_malformed_credential_leaves_the_backend_closed(
     assert not backend.is_open
     with pytest.raises(BackendError, match="not open"):
         backend.handles()
+
+
+# --- token lifetime: renewal and logging in again ---------------------------------------------
+
+
+@dataclass
+class Role:
+    name: str
+    secret_id: str
+    credential: TransitCredential
+
+
+def make_role(root: hvac.Client, prefix: str, **settings: Any) -> Role:
+    """An AppRole under the recommended policy, with the token settings a test wants."""
+    name = f"ekms-{prefix[:-1]}"
+    root.sys.create_or_update_policy(name, service_policy(MOUNT, prefix))
+    root.auth.approle.create_or_update_approle(name, token_policies=[name], **settings)
+    role_id = root.auth.approle.read_role_id(name)["data"]["role_id"]
+    secret_id = root.auth.approle.generate_secret_id(name)["data"]["secret_id"]
+    return Role(name, secret_id, TransitCredential.from_approle(role_id, secret_id))
+
+
+def round_trip(backend: TransitBackend, kek: bytes) -> None:
+    nonce, sealed = backend.encrypt(kek, b"aad", b"data key")
+    assert backend.decrypt(kek, nonce, b"aad", sealed) == b"data key"
+
+
+def test_an_approle_token_is_renewed_and_replaced_past_its_max_ttl(
+    bao: OpenBaoDevServer, root: hvac.Client, prefix: str
+) -> None:
+    role = make_role(root, prefix, token_ttl="2s", token_max_ttl="5s")
+    backend = opened(make_transit(bao, prefix), role.credential)
+    try:
+        kek = handle()
+        backend.generate(AES, kek, "ekms/k/v1")
+        tokens = set()
+        deadline = time.monotonic() + 7.5  # past the token's TTL and its max TTL
+        while time.monotonic() < deadline:
+            round_trip(backend, kek)
+            tokens.add(backend._require().client.token)
+            time.sleep(0.25)
+        session = backend._require()
+        assert session.renewals >= 1  # renewed at half its TTL while it could be
+        assert session.logins >= 2  # a fresh token once the max TTL came near
+        assert len(tokens) >= 2
+    finally:
+        backend.close()
+
+
+def test_an_expired_token_is_replaced_when_a_call_meets_it(
+    bao: OpenBaoDevServer, root: hvac.Client, prefix: str
+) -> None:
+    role = make_role(root, prefix, token_ttl="1s", token_max_ttl="1s")
+    backend = opened(make_transit(bao, prefix, renew=False), role.credential)
+    try:
+        kek = handle()
+        backend.generate(AES, kek, "ekms/k/v1")
+        first = backend._require().client.token
+        time.sleep(2.0)
+        with pytest.raises(hvac.exceptions.Forbidden):
+            root.auth.token.lookup(first)  # expired and gone
+        round_trip(backend, kek)  # refused once, logged in again, retried
+        assert backend._require().logins >= 2
+        assert backend._require().client.token != first
+    finally:
+        backend.close()
+
+
+def test_a_revoked_token_is_replaced_but_a_policy_refusal_stands(
+    bao: OpenBaoDevServer, root: hvac.Client, prefix: str
+) -> None:
+    role = make_role(root, prefix, token_ttl="10m")
+    backend = opened(make_transit(bao, prefix), role.credential)
+    try:
+        kek = handle()
+        backend.generate(AES, kek, "ekms/k/v1")
+        root.auth.token.revoke(backend._require().client.token)
+        round_trip(backend, kek)
+        assert backend._require().logins == 2
+        # A 403 with a live token is the policy's: no new login, the refusal is reported.
+        with pytest.raises(BackendError, match="denied encryption: check the service token"):
+            backend._call("post", f"encrypt/other-{handle().hex()}", "encryption", {})
+        assert backend._require().logins == 2
+    finally:
+        backend.close()
+
+
+def test_a_destroyed_secret_id_makes_the_new_login_fail_and_say_so(
+    bao: OpenBaoDevServer, root: hvac.Client, prefix: str
+) -> None:
+    role = make_role(root, prefix, token_ttl="10m")
+    backend = opened(make_transit(bao, prefix), role.credential)
+    try:
+        kek = handle()
+        backend.generate(AES, kek, "ekms/k/v1")
+        root.auth.approle.destroy_secret_id(role.name, role.secret_id)
+        root.auth.token.revoke(backend._require().client.token)
+        with pytest.raises(CredentialRefusedError, match="logging in again") as refused:
+            round_trip(backend, kek)
+        assert "backend-credential" in str(refused.value)
+        assert role.secret_id not in str(refused.value)
+    finally:
+        backend.close()
+
+
+def test_a_static_token_is_renewed_while_it_can_be_and_its_expiry_says_why(
+    bao: OpenBaoDevServer, root: hvac.Client, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    policy = f"ekms-{prefix[:-1]}"
+    root.sys.create_or_update_policy(policy, service_policy(MOUNT, prefix))
+    renewable = root.auth.token.create(policies=[policy], ttl="2s", renewable=True)
+    backend = opened(
+        make_transit(bao, prefix), TransitCredential.from_token(renewable["auth"]["client_token"])
+    )
+    try:
+        kek = handle()
+        backend.generate(AES, kek, "ekms/k/v1")
+        time.sleep(3.5)  # past its first TTL: renewed
+        round_trip(backend, kek)
+        assert backend._require().renewals >= 2
+        assert backend._require().logins == 1
+    finally:
+        backend.close()
+
+    fixed = root.auth.token.create(policies=[policy], ttl="1s", renewable=False)
+    token = fixed["auth"]["client_token"]
+    backend = opened(make_transit(bao, prefix), TransitCredential.from_token(token))
+    try:
+        with caplog.at_level(logging.WARNING, logger="ekms.transit"):
+            time.sleep(2.0)
+        assert "a static token cannot be renewed" in caplog.text
+        with pytest.raises(CredentialRefusedError) as expired:
+            backend.handles()
+        message = str(expired.value)
+        assert "expired or was revoked" in message
+        assert 'A static {"token": ...} credential cannot be renewed by logging in' in message
+        assert token not in message
+    finally:
+        backend.close()
+
+
+def test_close_wipes_the_kept_credential_and_stops_renewing(
+    bao: OpenBaoDevServer, root: hvac.Client, prefix: str
+) -> None:
+    role = make_role(root, prefix, token_ttl="10m")
+    backend = opened(make_transit(bao, prefix), role.credential)
+    session = backend._require()
+    kept = session.credential
+    assert kept is not None
+    assert bytes(kept) == bytes(role.credential.encode())
+    assert role.secret_id not in repr(session)
+    renewer = session.renewer
+    assert renewer is not None
+    assert renewer.is_alive()
+    backend.close()
+    assert kept == bytearray(len(kept))
+    assert session.credential is None
+    assert not renewer.is_alive()
 
 
 def test_an_unreachable_cluster_is_a_backend_error(prefix: str) -> None:

@@ -25,8 +25,9 @@ from kms.errors import (
     SealedError,
     StorageError,
 )
-from kms.rekey import PendingCommit, RekeyPlan
+from kms.rekey import PendingCommit, RekeyPlan, SealedValuesChangedError
 from kms.seal import Custodian
+from kms.sealed_values import BACKEND_CREDENTIAL, Purpose, SealedValue, open_value, seal
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -59,6 +60,7 @@ class FakeStore:
         self.pending: PendingCommit | None = None
         self.members: dict[tuple[int, int], list[object]] = {}
         self.tokens: dict[str, tuple[bytes, list[str]]] = {}
+        self.sealed: dict[str, SealedValue] = {}
         self.crash_at: str | None = None
 
     def get_share_set(self) -> ShareSetDescriptor | None:
@@ -83,12 +85,20 @@ class FakeStore:
         self.pending = pending
         self.members[pending.target] = list(pending.members)
 
+    def all_sealed_values(self) -> list[SealedValue]:
+        return list(self.sealed.values())
+
     def finish_rekey_commit(self, pending: PendingCommit) -> None:
         if self.crash_at == "swap":
             raise Crash
         if self.pending is None:
             assert self.descriptor == pending.descriptor
             return
+        if {n: v.blob for n, v in self.sealed.items()} != {
+            r.old.name: r.old.blob for r in pending.resealed
+        }:
+            raise SealedValuesChangedError("changed")
+        self.sealed = {r.new.name: r.new for r in pending.resealed}
         self.descriptor, self.pending = pending.descriptor, None
 
 
@@ -173,6 +183,18 @@ def plan(threshold: int = 2, shares: int = 3, **kw: object) -> RekeyPlan:
     return RekeyPlan.of(group_threshold=1, groups=[(threshold, shares)], **kw)  # type: ignore[arg-type]
 
 
+CREDENTIAL = b'{"token":"s.transit-credential"}'
+
+
+def store_credential(node: Node, keys: RootKeys, value: bytes = CREDENTIAL) -> None:
+    sealed = seal(keys, BACKEND_CREDENTIAL, Purpose.BARRIER, value, Urandom())
+    node.store.sealed[BACKEND_CREDENTIAL] = sealed
+
+
+def credential(node: Node, keys: RootKeys) -> bytes:
+    return bytes(open_value(keys, node.store.sealed[BACKEND_CREDENTIAL]))
+
+
 def rekey_to_verification(node: Node, old: list[str], new_plan: RekeyPlan) -> tuple[str, list[str]]:
     """Start and authorise a rekey; returns the verification nonce and the new shares."""
     started = node.custodian.start_rekey(new_plan)
@@ -188,6 +210,7 @@ def test_full_rekey_replaces_the_set_and_keeps_the_audit_key(
 ) -> None:
     old, old_descriptor = old_set
     old_keys = RootKeys.from_bytes(node.keys.to_bytes())
+    store_credential(node, old_keys)
     nonce, new = rekey_to_verification(node, old, plan(3, 5))
     assert len(new) == 5
     assert node.store.descriptor == old_descriptor  # not in force before verification
@@ -209,6 +232,9 @@ def test_full_rekey_replaces_the_set_and_keeps_the_audit_key(
     assert node.token.opens(new_keys)
     assert not node.token.opens(old_keys)
     assert len(node.store.members[(committed.identifier, 1)]) == 5
+    assert credential(node, new_keys) == CREDENTIAL
+    with pytest.raises(StorageError, match="does not open"):
+        credential(node, old_keys)
 
     restarted = node.restart()
     with pytest.raises(InvalidShareError, match="another share set"):
@@ -375,6 +401,8 @@ def test_a_crash_in_the_commit_is_finished_by_the_old_set(
 ) -> None:
     """(1) written, then death before (2), between the PINs, or between (2) and (3)."""
     old, old_descriptor = old_set
+    old_keys = RootKeys.from_bytes(node.keys.to_bytes())
+    store_credential(node, old_keys)
     nonce, new = rekey_to_verification(node, old, plan())
     if crash_at == "swap":
         node.store.crash_at = crash_at
@@ -385,6 +413,7 @@ def test_a_crash_in_the_commit_is_finished_by_the_old_set(
         node.custodian.submit_rekey_verification(new[1], nonce)
     assert node.store.pending is not None
     assert node.store.descriptor == old_descriptor
+    assert credential(node, old_keys) == CREDENTIAL  # not swapped before (3)
     node.store.crash_at = node.token.crash_at = None
 
     restarted = node.restart()  # the process died: nothing of its memory is left
@@ -394,6 +423,7 @@ def test_a_crash_in_the_commit_is_finished_by_the_old_set(
     assert node.store.pending is None
     assert node.store.descriptor.generation == 1
     assert node.token.opens(restarted.opened[-1])
+    assert credential(node, restarted.opened[-1]) == CREDENTIAL
     again = node.restart()
     with pytest.raises(InvalidShareError, match="another share set"):
         again.custodian.submit(old[0])
@@ -420,6 +450,26 @@ def test_a_failed_commit_is_retried_while_unsealed(
     assert node.custodian.rekey_status().complete
     assert node.store.pending is None
     assert node.store.descriptor.generation == 1
+
+
+def test_a_value_sealed_during_the_commit_is_resealed_not_overwritten(
+    node: Node, old_set: tuple[list[str], ShareSetDescriptor]
+) -> None:
+    """A rotation under the old keys between (1) and (3): the swap reseals what is there now."""
+    old, _ = old_set
+    old_keys = RootKeys.from_bytes(node.keys.to_bytes())
+    store_credential(node, old_keys)
+    nonce, new = rekey_to_verification(node, old, plan())
+    rotate = node.token.change
+
+    def rotating(*pins: str) -> None:
+        rotate(*pins)
+        store_credential(node, old_keys, b'{"token":"s.rotated"}')
+
+    node.token.change = rotating  # type: ignore[method-assign]
+    node.custodian.submit_rekey_verification(new[0], nonce)
+    assert node.custodian.submit_rekey_verification(new[1], nonce).complete
+    assert credential(node, node.swapped[-1]) == b'{"token":"s.rotated"}'
 
 
 def test_a_pending_commit_blocks_a_new_rekey(

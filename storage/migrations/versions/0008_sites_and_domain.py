@@ -8,6 +8,10 @@ the domain wrapping key. Each is AES-256-GCM with its name in the AAD; a rekey r
 key (``kms.domain``), written when the version is made; the domain backup carries it to another
 site. Versions made before this revision have none and cannot leave their site.
 
+``transit_keys.origin_site`` names, for a verify-only key, the site whose backend holds its
+private versions: the domain backup carries signing keys' public versions, which another site
+stores without a backend object, to verify (never sign) with.
+
 ``sites`` is the site registry (``kms.sites``): name, kind, backend, status, the site's audit
 signing public key (to verify its tree heads), and where it is reached.
 
@@ -34,6 +38,9 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("key_versions") as batch:
         batch.add_column(sa.Column("escrow", sa.LargeBinary, nullable=True))
+    # Plain ALTER TABLE (SQLite 3.35+ drops columns too): a batch copy of transit_keys would
+    # drop the table, and with it every key_versions row by ON DELETE CASCADE.
+    op.add_column("transit_keys", sa.Column("origin_site", sa.String(64), nullable=True))
     op.create_table(
         "sites",
         sa.Column("name", sa.String(64), primary_key=True),
@@ -50,6 +57,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("sites")
+    op.drop_column("transit_keys", "origin_site")
     with op.batch_alter_table("key_versions") as batch:
         batch.drop_column("escrow")
     op.drop_table("sealed_values")
