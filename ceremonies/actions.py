@@ -25,18 +25,25 @@ Rules every action keeps:
   service's answers, and request ids only. Shares are read with ``ctx.term.secret`` and dropped
   after one request.
 - **The service decides.** An action never works around a refusal; it records it.
+
+In a ceremony that spans two sites, ``ctx`` is bound to the service the step names (``at:``);
+``ctx.other()`` is the same step bound to the other site, for the actions that carry something
+from one to the other (a domain backup, a signed tree head). Events then say which service
+they happened at (``service``), so that each request id can be looked up in the right log.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ceremonies.script import ActionInfo, CeremonyRole, RoleRequirement, Script, Step
+from ceremonies.script import ActionInfo, At, CeremonyRole, RoleRequirement, Script, Step
 from ceremonies.service import Service, ServiceError
 from ceremonies.state import utc_text
 from kms.errors import InvalidRequestError
@@ -45,6 +52,8 @@ from kms.tokens import decode_with_otp
 from kms.unseal_assertion import share_member
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from api.principal_keys import KeyHolder
     from ceremonies.terminal import Terminal
 
@@ -98,6 +107,15 @@ class Session:
         return str(self.info["audience"])
 
 
+@dataclass(frozen=True)
+class SiteHandle:
+    """One service of the ceremony, with the participants' logins there."""
+
+    service: Service
+    session: Session
+    participants: list[Participant]
+
+
 @dataclass
 class StepContext:
     step: Step
@@ -111,6 +129,36 @@ class StepContext:
     clock: Callable[[], float] = time.time
     # Every event journaled so far, of every step: what earlier steps (or runs) left behind.
     history: Callable[[], list[dict[str, Any]]] = list
+    at: At = At.MAIN  # the service this context is bound to
+    sites: Mapping[At, SiteHandle] = field(default_factory=dict)
+    directory: Path | None = None  # the transcript directory: files handed between sites
+    ceremony: str = ""  # the ceremony id, to name those files
+
+    def at_site(self, at: At) -> StepContext:
+        """This step, bound to the main service or to the peer."""
+        if not self.sites:
+            return self
+        handle = self.sites.get(at)
+        if handle is None:
+            raise StepFailedError(
+                "this step needs the other site's service: run the ceremony with --peer URL"
+            )
+        return replace(
+            self,
+            at=at,
+            service=handle.service,
+            session=handle.session,
+            participants=handle.participants,
+        )
+
+    def other(self) -> StepContext:
+        """This step, bound to the other site of a two-site ceremony."""
+        return self.at_site(At.PEER if self.at is At.MAIN else At.MAIN)
+
+    @property
+    def site(self) -> str:
+        """The name of the site this context is bound to, as its service says."""
+        return str(self.session.info.get("site") or "")
 
     @property
     def params(self) -> Mapping[str, Any]:
@@ -135,6 +183,8 @@ class StepContext:
         """Journal what just happened (fsync'd before the runner goes on)."""
         entry: dict[str, Any] = {"type": "event", "step": self.step.number, "what": what}
         entry["at"] = utc_text(self.clock())
+        if At.PEER in self.sites:
+            entry["service"] = self.at.value
         if principal is not None:
             entry["principal"] = principal
         entry.update({k: v for k, v in fields.items() if v is not None})
@@ -164,11 +214,16 @@ class Action:
 REGISTRY: dict[str, Action] = {}
 
 
-def action(name: str, summary: str, **params: tuple[type, ...]) -> Callable[[Run], Run]:
-    """Register ``run`` under ``name``; ``params`` are the script parameters and their types."""
+def action(
+    name: str, summary: str, *, needs_peer: bool = False, **params: tuple[type, ...]
+) -> Callable[[Run], Run]:
+    """Register ``run`` under ``name``; ``params`` are the script parameters and their types.
+
+    ``needs_peer``: the action reads or names the other site, so its script spans two sites.
+    """
 
     def register(run: Run) -> Run:
-        REGISTRY[name] = Action(name, run, ActionInfo(params, summary))
+        REGISTRY[name] = Action(name, run, ActionInfo(params, summary, needs_peer))
         return run
 
     return register
@@ -842,12 +897,49 @@ def _justification(ctx: StepContext) -> str:
     return text[:2000]
 
 
+def _emergency_needed(ctx: StepContext) -> tuple[list[str], dict[str, Any] | None]:
+    """The classifications of this site's keys that its policy restores here only in an
+    emergency, and the emergency in force (None if none)."""
+    token = _admin_token(ctx)
+    status = ctx.call("GET", "ekms/status", token=token)["data"]
+    kind, policy = status["site_kind"], status["restore_policy"]
+    held = {k["classification"] for k in _key_versions(ctx, token).values()}
+    needing = sorted(
+        c
+        for c in held
+        if kind in policy.get(c, {}).get("emergency", [])
+        and kind not in policy.get(c, {}).get("always", [])
+    )
+    return needing, status.get("emergency")
+
+
 @action(
     "emergency.declare",
-    "an official proposes an emergency and a quorum of officials approves it",
+    "an official proposes an emergency and a quorum of officials approves it (when: needed "
+    "declares one only if this site's policy restores a class of its keys only in an emergency)",
     duration_hours=(int,),
+    when=(str,),
 )
 def declare_emergency(ctx: StepContext) -> str:
+    when = str(ctx.params.get("when", "always"))
+    if when not in ("always", "needed"):
+        raise StepFailedError(f"emergency.declare: when is always or needed, not {when!r}")
+    if when == "needed" and not ctx.earlier_events("proposed"):
+        needing, in_force = _emergency_needed(ctx)
+        if in_force is not None:
+            ends = utc_text(float(in_force["ends_at"]))
+            ctx.event("emergency-in-force", needed_for=needing, ends_at=ends)
+            return f"an emergency is in force already, until {ends}"
+        if not needing:
+            ctx.event("emergency-not-needed", site=ctx.site)
+            return (
+                f"no key at site {ctx.site} needs an emergency to be restored here: none declared"
+            )
+        ctx.event("emergency-needed", needed_for=needing)
+        ctx.term.say(
+            f"Site {ctx.site}'s policy restores {', '.join(needing)} keys here only in an "
+            "emergency: the officials declare one."
+        )
 
     def payload() -> dict[str, Any]:
         hours = ctx.params.get("duration_hours")
@@ -1265,3 +1357,471 @@ def drill_report(ctx: StepContext) -> str:
     counts = ", ".join(f"{n} {state}" for state, n in report["counts"].items())
     reachable = "reachable" if quorum["with_confirmed"] else "NOT reachable"
     return f"drill {drill}: {counts}; a quorum is {reachable} with the shares confirmed"
+
+
+# --- sites: provisioning, failover, failback, decommissioning --------------------------------
+
+
+def _admin_token(ctx: StepContext) -> str:
+    return ctx.token(ctx.administrator())
+
+
+def _registered(ctx: StepContext, name: str, token: str) -> dict[str, Any] | None:
+    """The site's row in this service's registry, or None if it has none."""
+    try:
+        return dict(ctx.call("GET", f"ekms/sites/{name}", token=token)["data"])
+    except ServiceError as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+def _confirm_peer(ctx: StepContext, purpose: str) -> None:
+    """The administrator confirms that the other service is the site meant, once per step."""
+    other = ctx.other()
+    info = other.session.info
+    if ctx.earlier_events("peer-confirmed"):
+        return
+    admin = ctx.administrator()
+    if not ctx.term.confirm(
+        f"{admin.principal}: the peer at {other.service.address} answers as site {other.site} "
+        f"({info.get('site_kind')}). Is it the site {purpose}?"
+    ):
+        raise StepFailedError(
+            f"the peer at {other.service.address} (site {other.site}, {info.get('site_kind')}) "
+            f"is not the site {purpose}: nothing was changed"
+        )
+    ctx.event("peer-confirmed", admin.principal, site=other.site, address=other.service.address)
+
+
+def _backend_choice(ctx: StepContext, name: str) -> str:
+    wanted = ctx.params.get("backend")
+    while wanted not in ("pkcs11", "transit"):
+        if wanted is not None:
+            ctx.term.say("Answer pkcs11 (an HSM token) or transit (Vault/OpenBao transit).")
+        wanted = ctx.term.ask(
+            f"{ctx.administrator().principal}: the key backend of site {name} (pkcs11 or transit)",
+            default="pkcs11",
+        )
+    return str(wanted)
+
+
+@action(
+    "site.register",
+    "register the peer's site here as standby, once the administrator confirms it is that site",
+    needs_peer=True,
+    backend=(str,),
+)
+def register_site(ctx: StepContext) -> str:
+    other = ctx.other()
+    name, kind = other.site, str(other.session.info.get("site_kind") or "")
+    _confirm_peer(ctx, "to provision")
+    token = _admin_token(ctx)
+    known = _registered(ctx, name, token)
+    if known is not None:
+        if known["status"] == "retired":
+            raise StepFailedError(
+                f"site {name} is retired in this site's registry: a retired site is never "
+                "provisioned again; give the new site a new name"
+            )
+        if known["kind"] != kind:
+            raise StepFailedError(
+                f"site {name} is registered here as {known['kind']}, but the peer is of kind "
+                f"{kind}: it is not the site registered under that name"
+            )
+        ctx.event("already-registered", site=name, kind=kind, status=known["status"])
+        return f"site {name} ({kind}) was registered here already, {known['status']}"
+    backend = _backend_choice(ctx, name)
+    ctx.event("registering", site=name, kind=kind, backend=backend, url=other.service.address)
+    body = {
+        "kind": kind,
+        "backend": backend,
+        "url": other.service.address,
+        "note": f"registered by ceremony {ctx.ceremony}"[:500],
+    }
+    record = ctx.call("POST", f"ekms/sites/{name}", body, token=token)["data"]
+    ctx.event(
+        "site-registered",
+        site=name,
+        kind=kind,
+        backend=backend,
+        status=record["status"],
+        request_id=ctx.service.last_request_id(),
+    )
+    return f"site {name} ({kind}, {backend}) registered at site {ctx.site} as {record['status']}"
+
+
+def _backup_path(ctx: StepContext, target: str) -> Path:
+    if ctx.directory is None:
+        raise StepFailedError("the runner gave this step no transcript directory for the backup")
+    return ctx.directory / f"{ctx.script.name}-{ctx.ceremony}.{target}.domain-backup.json"
+
+
+def _sha256_of(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+@action(
+    "domain.export",
+    "export the domain backup for the other site into the transcript directory (mode 0600)",
+    needs_peer=True,
+)
+def export_domain(ctx: StepContext) -> str:
+    from api.cli import CliError  # noqa: PLC0415 - the CLI's file helper, only when exporting
+    from api.cli_domain import write_private  # noqa: PLC0415
+
+    target = ctx.other().site
+    for done in reversed(ctx.earlier_events("exported")):
+        if ctx.directory is not None and _sha256_of(ctx.directory / done["file"]) == done["sha256"]:
+            return (
+                f"backup {done['backup_id']} for site {target} was exported to {done['file']} "
+                "before the runner stopped"
+            )
+    token = _admin_token(ctx)
+    ctx.event("exporting", target=target)
+    data = ctx.call("POST", "ekms/domain/export", {"target_site": target}, token=token)["data"]
+    request_id = ctx.service.last_request_id()
+    raw = json.dumps(data["backup"], indent=2, sort_keys=True).encode() + b"\n"
+    path = _backup_path(ctx, target)
+    try:
+        write_private(path, raw)
+    except CliError as exc:
+        raise StepFailedError(str(exc)) from None
+    digest = hashlib.sha256(raw).hexdigest()
+    summary, skipped = data["summary"], list(data.get("skipped") or [])
+    for reason in skipped:
+        ctx.term.say(f"Left out of the backup: {reason}")
+    ctx.event(
+        "exported",
+        file=path.name,
+        sha256=digest,
+        backup_id=summary["backup_id"],
+        digest=summary["digest"],
+        source=ctx.site,
+        target=target,
+        keys=summary["keys"],
+        versions=summary["versions"],
+        skipped=skipped,
+        request_id=request_id,
+    )
+    ctx.term.say(f"Backup written to {path} (SHA-256 {digest}).")
+    return (
+        f"backup {summary['backup_id']} of site {ctx.site} for site {target}: "
+        f"{summary['keys']} keys, {summary['versions']} versions, {len(skipped)} left out; "
+        f"written to {path.name} (SHA-256 {digest})"
+    )
+
+
+def _exported_for(ctx: StepContext, site: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The latest backup this ceremony exported for ``site``, read back and checked."""
+    exported = [e for e in ctx.history() if e.get("what") == "exported" and e.get("target") == site]
+    if not exported:
+        raise StepFailedError(f"no earlier step of this ceremony exported a backup for site {site}")
+    event = exported[-1]
+    if ctx.directory is None:
+        raise StepFailedError("the runner gave this step no transcript directory")
+    path = ctx.directory / str(event["file"])
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise StepFailedError(
+            f"cannot read the backup {path}: {exc.strerror or exc}; export it again (--restart)"
+        ) from None
+    if hashlib.sha256(raw).hexdigest() != event["sha256"]:
+        raise StepFailedError(
+            f"the backup {path.name} is not the file exported (its SHA-256 changed since): "
+            "export it again (--restart)"
+        )
+    return event, dict(json.loads(raw))
+
+
+@action("domain.load", "load the backup an earlier step exported for this site onto its new node")
+def load_domain(ctx: StepContext) -> str:
+    event, document = _exported_for(ctx, ctx.site)
+    status = ctx.call("GET", "sys/seal-status")
+    if status.get("initialized"):
+        if any(e.get("digest") == event["digest"] for e in ctx.earlier_events("loading")):
+            ctx.event("load-resumed", backup_id=event["backup_id"])
+            return f"backup {event['backup_id']} was loaded before the runner stopped"
+        raise StepFailedError(
+            f"site {ctx.site} at {ctx.service.address} is initialised already: a domain backup "
+            "is loaded only on a new node (a new data directory and token). A site that lacks "
+            "only newer keys is refreshed instead (ekms domain import FILE; docs/sites.md)"
+        )
+    ctx.event("loading", backup_id=event["backup_id"], digest=event["digest"])
+    answer = ctx.call("POST", "ekms/domain/load", document)["data"]
+    ctx.event(
+        "loaded",
+        backup_id=answer.get("backup_id"),
+        digest=answer.get("digest"),
+        request_id=ctx.service.last_request_id(),
+    )
+    return (
+        f"backup {event['backup_id']} loaded at site {ctx.site}: initialised and sealed; a "
+        "quorum's first unseal imports the keys"
+    )
+
+
+def _key_versions(ctx: StepContext, token: str) -> dict[str, dict[str, Any]]:
+    """Every key this site holds: name -> its classification and version numbers."""
+    try:
+        names = ctx.call("GET", "transit/keys?list=true", token=token)["data"]["keys"]
+    except ServiceError as exc:
+        if exc.status == 404:
+            return {}
+        raise
+    found = {}
+    for name in names:
+        data = ctx.call("GET", f"transit/keys/{name}", token=token)["data"]
+        found[str(name)] = {
+            "classification": data.get("classification"),
+            "versions": sorted(int(v) for v in data.get("keys") or {}),
+        }
+    return found
+
+
+@action(
+    "site.check",
+    "read this site's status and keys; every key version of the backup loaded must be here",
+    expect_status=(str,),
+)
+def check_site(ctx: StepContext) -> str:
+    token = _admin_token(ctx)
+    site = ctx.call("GET", "ekms/site", token=token)["data"]
+    held = _key_versions(ctx, token)
+    serving = "serving" if site.get("serving") else f"not serving ({site.get('refusal')})"
+    ctx.term.say(f"Site {site.get('name')} ({site.get('kind')}): {site.get('status')}, {serving}")
+    for name, key in sorted(held.items()):
+        versions = ", ".join(map(str, key["versions"])) or "none"
+        ctx.term.say(f"  key {name} ({key['classification']}): versions {versions}")
+    missing: list[str] = []
+    compared = ""
+    if any(e.get("what") == "exported" and e.get("target") == ctx.site for e in ctx.history()):
+        event, document = _exported_for(ctx, ctx.site)
+        for key in document.get("keys", []):
+            have = set(held.get(str(key.get("name")), {}).get("versions", []))
+            missing += [
+                f"{key.get('name')}/v{v.get('number')}"
+                for v in key.get("versions", [])
+                if v.get("number") not in have
+            ]
+        compared = f"; every key version of backup {event['backup_id']} is here"
+    ctx.event(
+        "site-checked",
+        site=site.get("name"),
+        status=site.get("status"),
+        serving=bool(site.get("serving")),
+        keys=len(held),
+        versions=sum(len(k["versions"]) for k in held.values()),
+        missing=missing or None,
+        request_id=ctx.service.last_request_id(),
+    )
+    wanted = ctx.params.get("expect_status")
+    if wanted is not None and site.get("status") != wanted:
+        raise StepFailedError(f"site {site.get('name')} is {site.get('status')}, not {wanted}")
+    if missing:
+        raise StepFailedError(
+            f"site {site.get('name')} lacks key versions the backup carried: {', '.join(missing)}"
+        )
+    return (
+        f"site {site.get('name')} is {site.get('status')}, {serving}; {len(held)} keys, "
+        f"{sum(len(k['versions']) for k in held.values())} versions{compared}"
+    )
+
+
+def _sites_with(ctx: StepContext, status: str) -> list[str]:
+    token = ctx.token(ctx.officials()[0])
+    listed = ctx.call("GET", "ekms/sites?list=true", token=token)["data"]["key_info"]
+    return sorted(n for n, s in listed.items() if n != ctx.site and s["status"] == status)
+
+
+def _site_named(ctx: StepContext, what: str, default: str) -> str:
+    """A site name: the script's parameter, or typed by the proposing official."""
+    given = ctx.params.get(what)
+    if given:
+        return str(given)
+    earlier = ctx.earlier_events(f"{what}-named")
+    if earlier:
+        return str(earlier[-1]["site"])
+    proposer = ctx.officials()[0].principal
+    name = ctx.term.ask(f"{proposer}: the {what} site", default=default)
+    ctx.event(f"{what}-named", proposer, site=name[:64])
+    return name[:64]
+
+
+@action(
+    "site.failover",
+    "officials propose that this site takes over from another (site-failover); a quorum approves",
+    previous=(str,),
+)
+def failover(ctx: StepContext) -> str:
+    def payload() -> dict[str, Any]:
+        active = _sites_with(ctx, "active")
+        previous = _site_named(ctx, "previous", active[0] if len(active) == 1 else "")
+        return {"previous": previous, "justification": _justification(ctx)}
+
+    proposal = _proposal(ctx, "site-failover", payload)
+    previous = proposal["payload"]["previous"]
+    return (
+        f"site {ctx.site} is active and site {previous} failed-over, by proposal {proposal['id']}"
+    )
+
+
+@action(
+    "site.failback",
+    "officials propose that this site resumes and the other is retired (site-failback); a "
+    "quorum approves",
+    embassy=(str,),
+)
+def failback(ctx: StepContext) -> str:
+    other = ctx.other().site if At.PEER in ctx.sites else ""
+
+    def payload() -> dict[str, Any]:
+        embassy = other or _site_named(ctx, "embassy", "")
+        return {"embassy": embassy, "justification": _justification(ctx)}
+
+    proposal = _proposal(ctx, "site-failback", payload)
+    embassy = proposal["payload"]["embassy"]
+    return (
+        f"site {ctx.site} is active and site {embassy} is retired in its registry, by proposal "
+        f"{proposal['id']}"
+    )
+
+
+@action(
+    "site.decommission",
+    "officials propose that this active site records the other as retired "
+    "(site-decommission); a quorum approves",
+    site=(str,),
+)
+def decommission(ctx: StepContext) -> str:
+    other = ctx.other().site if At.PEER in ctx.sites else ""
+
+    def payload() -> dict[str, Any]:
+        return {"site": other or _site_named(ctx, "site", ""), "justification": _justification(ctx)}
+
+    proposal = _proposal(ctx, "site-decommission", payload)
+    return (
+        f"site {proposal['payload']['site']} is retired in {ctx.site}'s registry, by proposal "
+        f"{proposal['id']}"
+    )
+
+
+@action(
+    "site.retire",
+    "officials propose that this site retires for good (site-retire); a quorum approves; every "
+    "token issued there is revoked",
+    destroy_keys=(bool,),
+)
+def retire(ctx: StepContext) -> str:
+    destroy = ctx.params.get("destroy_keys", False) is True
+    proposal = _proposal(
+        ctx,
+        "site-retire",
+        lambda: {"justification": _justification(ctx), "destroy_keys": destroy},
+    )
+    for participant in ctx.participants:  # revoked with every token of the site
+        participant.token = None
+    left = _key_versions(ctx, _admin_token(ctx))
+    ctx.event(
+        "site-retired",
+        site=ctx.site,
+        proposal=proposal["id"],
+        destroy_keys=destroy,
+        keys_left=sorted(left),
+        request_id=ctx.service.last_request_id(),
+    )
+    if destroy and left:
+        raise StepFailedError(
+            f"site {ctx.site} is retired, but keys were not destroyed: {', '.join(sorted(left))}; "
+            "delete them with a root token generated there (docs/sites.md)"
+        )
+    keys = "its keys destroyed" if destroy else f"{len(left)} keys kept (serving nothing)"
+    return (
+        f"site {ctx.site} is retired by proposal {proposal['id']}: every token issued there is "
+        f"revoked, {keys}"
+    )
+
+
+def _audit_key_of(ctx: StepContext) -> dict[str, Any]:
+    """This site's audit public key, read from it; made first (by signing a head) if none."""
+    token = _admin_token(ctx)
+    heads = ctx.call("GET", "ekms/audit/heads", token=token)["data"]
+    if heads.get("public_key") is None:  # the key is made with the site's first signed head
+        ctx.call("POST", "ekms/audit/tree-head", token=token)
+        heads = ctx.call("GET", "ekms/audit/heads", token=token)["data"]
+    return dict(heads["public_key"])
+
+
+@action(
+    "site.pin-audit-key",
+    "read the other site's audit public key from it and pin it in this site's registry, so "
+    "that this site can check that site's signed tree heads later",
+    needs_peer=True,
+)
+def pin_audit_key(ctx: StepContext) -> str:
+    there = ctx.other()
+    key = _audit_key_of(there)
+    kid = parse_public_jwk(key).thumbprint
+    there.event("audit-key-read", site=there.site, kid=kid)
+    token = _admin_token(ctx)
+    known = _registered(ctx, there.site, token)
+    if known is None:
+        raise StepFailedError(f"site {there.site} is not registered at site {ctx.site}")
+    if known.get("audit_kid") == kid:
+        ctx.event("audit-key-pinned-already", site=there.site, kid=kid)
+        return f"site {there.site}'s audit key {kid} was pinned at site {ctx.site} already"
+    if known.get("audit_kid"):
+        raise StepFailedError(
+            f"site {ctx.site} has another audit key pinned for site {there.site} "
+            f"({known['audit_kid']}, and the site answers with {kid}): it is not the site "
+            "registered under that name, or it was rebuilt; find out which before going on"
+        )
+    ctx.term.say(f"Site {there.site}'s audit key: {kid} (ekms site status there shows it).")
+    ctx.call("POST", f"ekms/sites/{there.site}/audit-key", {"audit_public_key": key}, token=token)
+    ctx.event(
+        "audit-key-pinned", site=there.site, kid=kid, request_id=ctx.service.last_request_id()
+    )
+    return f"site {there.site}'s audit key {kid} is pinned at site {ctx.site}"
+
+
+@action(
+    "site.record-head",
+    "the other site signs a tree head of its audit log; this site checks it with that site's "
+    "registered audit key and records it",
+    needs_peer=True,
+)
+def record_head(ctx: StepContext) -> str:
+    there = ctx.other()
+    head = there.call("POST", "ekms/audit/tree-head", token=there.token(there.administrator()))[
+        "data"
+    ]
+    there.event(
+        "head-signed",
+        site=there.site,
+        size=head.get("size"),
+        root_hash=head.get("root_hash"),
+        request_id=there.service.last_request_id(),
+    )
+    answer = ctx.call(
+        "POST",
+        f"ekms/sites/{there.site}/tree-heads",
+        {"tree_head": head},
+        token=_admin_token(ctx),
+    )["data"]
+    request_id = ctx.service.last_request_id()
+    ctx.event(
+        "head-recorded",
+        site=there.site,
+        size=answer.get("size"),
+        root_hash=answer.get("root_hash"),
+        request_id=request_id,
+    )
+    return (
+        f"site {there.site}'s signed tree head (size {answer.get('size')}, root "
+        f"{str(answer.get('root_hash'))[:16]}...) is recorded in site {ctx.site}'s audit log "
+        f"(request {request_id})"
+    )

@@ -16,7 +16,8 @@ if TYPE_CHECKING:
     import argparse
     from collections.abc import Callable
 
-    from ceremonies.script import ScriptReport
+    from ceremonies.script import Script, ScriptReport
+    from ceremonies.service import Service
 
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 DEFAULT_DIRECTORY = "ceremony-transcripts"
@@ -92,6 +93,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     mode = "resume" if args.resume else "restart" if args.restart else "ask"
     try:
         script = require_runnable(_report(path), str(path))
+        peer = _peer(args, script)
         if args.rehearse:
             with Rehearsal(script, term) as rehearsal:
                 rehearsal.prepare()
@@ -99,7 +101,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 runner = Runner(script, Service(rehearsal.address), term, directory, rehearsal=True)
                 return runner.run("restart" if mode == "ask" else mode)
         directory = Path(args.transcript_dir or DEFAULT_DIRECTORY)
-        return Runner(script, Service(_client(args).address), term, directory).run(mode)
+        runner = Runner(script, Service(_client(args).address), term, directory, peer=peer)
+        return runner.run(mode)
     except (EndOfInputError, KeyboardInterrupt):
         print(
             "\nInterrupted. The journal keeps every step recorded so far: run the same command "
@@ -111,6 +114,24 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _fail(f"the service: {exc}")
     except (EkmsError, RuntimeError) as exc:
         return _fail(str(exc))
+
+
+def _peer(args: argparse.Namespace, script: Script) -> Service | None:
+    """The other site's service (``--peer``), for a ceremony that spans two sites."""
+    from ceremonies.service import Service
+    from kms.errors import InvalidRequestError
+
+    if args.peer_ca and not args.peer:
+        raise InvalidRequestError("--peer-ca needs --peer, the other site's address")
+    if args.rehearse and (
+        script.uses_peer or args.peer or script.rehearsal.get("by_runner", True) is False
+    ):
+        raise InvalidRequestError(
+            f"{script.name} needs two sites (a home and a site provisioned from it) and is not "
+            "rehearsed by the runner yet: rehearse it against two throwaway servers "
+            "(docs/sites.md, 'Rehearsing the site ceremonies')"
+        )
+    return Service(args.peer, ca_file=args.peer_ca) if args.peer else None
 
 
 def _load_document(path: str) -> dict[str, Any]:
@@ -201,6 +222,12 @@ def add_ceremony_commands(
         metavar="DIR",
         help=f"where journals and transcripts go (default: ./{DEFAULT_DIRECTORY})",
     )
+    run.add_argument(
+        "--peer",
+        metavar="URL",
+        help="the other site's service, for ceremonies that span two sites (steps at: peer)",
+    )
+    run.add_argument("--peer-ca", metavar="FILE", help="CA bundle for the peer's TLS certificate")
     mode = run.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="resume the unfinished ceremony")
     mode.add_argument(

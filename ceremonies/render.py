@@ -50,6 +50,10 @@ def render_markdown(document: Mapping[str, Any], check: FileCheck | None = None)
         ("Ended", body.get("ended_at")),
         ("Outcome", body.get("outcome")),
     ]
+    peer = body.get("peer")
+    if isinstance(peer, dict):
+        where = f"site {peer.get('site')} ({peer.get('site_kind')}) at {peer.get('address')}"
+        rows.append(("Peer", f"{where} ({peer.get('audience')})"))
     if body.get("abort_reason"):
         rows.append(("Reason", body["abort_reason"]))
     rows.extend(
@@ -106,6 +110,8 @@ def _steps(lines: list[str], body: Mapping[str, Any]) -> None:
         lines.append(f"### {step.get('number')}. {escape(step.get('title'))}")
         lines.append("")
         lines.append(f"- What: {what}")
+        if step.get("site") is not None:
+            lines.append(f"- Where: site {escape(step['site'])} ({escape(step.get('service'))})")
         if step.get("check"):
             lines.append(f"- Prompt: {escape(step['check'])}")
         lines.append(f"- By: {escape(', '.join(step.get('by', [])))}")
@@ -114,6 +120,9 @@ def _steps(lines: list[str], body: Mapping[str, Any]) -> None:
         if step.get("request_ids"):
             ids = ", ".join(code(r) for r in step["request_ids"])
             lines.append(f"- Service request ids: {ids}")
+        if step.get("peer_request_ids"):
+            ids = ", ".join(code(r) for r in step["peer_request_ids"])
+            lines.append(f"- Peer's request ids: {ids}")
         lines.extend(
             f"- **Deviation** recorded by {escape(d.get('recorded_by'))} at "
             f"{escape(d.get('at'))}: {escape(d.get('reason'))}"

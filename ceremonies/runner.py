@@ -7,6 +7,11 @@ Each step's record is journaled (fsync) before the next begins. At the end, or w
 and the ceremony stops, the transcript is built from the journal, each participant signs its
 digest with their key, and the administrator's session submits it to the service, which signs
 it too and appends it to the audit log.
+
+A ceremony that spans two sites also talks to a **peer** (``--peer URL``): the steps marked
+``at: peer`` run there, with the same participants logged in there under its own audience.
+Each step's record names the service and site it touched, the journal's start names the peer
+(a resumed run must be given the same one), and the main service signs the transcript.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from ceremonies.actions import (
     REGISTRY,
     Participant,
     Session,
+    SiteHandle,
     StepContext,
     StepFailedError,
     login,
@@ -31,6 +37,7 @@ from ceremonies.actions import (
 from ceremonies.journal import Journal, active_path, write_atomically
 from ceremonies.script import (
     VERIFY_ACTION,
+    At,
     CeremonyRole,
     OnFailure,
     Quorum,
@@ -60,9 +67,19 @@ class Runner:
         *,
         rehearsal: bool = False,
         clock: Callable[[], float] = time.time,
+        peer: Service | None = None,
     ) -> None:
+        if script.uses_peer and peer is None:
+            raise InvalidRequestError(
+                f"{script.name} spans two sites: give the other site's address with --peer URL"
+            )
+        if peer is not None and not script.uses_peer:
+            raise InvalidRequestError(f"{script.name} happens at one site: it takes no --peer")
         self.script = script
         self.service = service
+        self.peer = peer
+        self.peer_session = Session({})
+        self.peer_participants: list[Participant] = []
         self.term = term
         self.directory = directory
         self.rehearsal = rehearsal
@@ -214,7 +231,7 @@ class Runner:
 
     # --- checks before step 1 --------------------------------------------------------------
 
-    def _state_problems(self, info: dict[str, Any], next_step: int) -> list[str]:
+    def _state_problems(self, info: dict[str, Any], next_step: int, at: At = At.MAIN) -> list[str]:
         initialised, sealed = bool(info.get("initialized")), bool(info.get("sealed"))
         holds = {
             Requirement.UNINITIALISED: not initialised,
@@ -226,7 +243,7 @@ class Runner:
         return [
             f"precondition {p.require.value} does not hold: the service is {state}"
             for p in self.script.preconditions
-            if p.require in holds and p.applies(next_step) and not holds[p.require]
+            if p.at is at and p.require in holds and p.applies(next_step) and not holds[p.require]
         ]
 
     def _emergency_problems(self, next_step: int) -> list[str]:
@@ -269,6 +286,13 @@ class Runner:
 
     def run(self, mode: str = "ask") -> int:
         self.session = Session(self.service.info())  # unreachable: stop before asking anything
+        if self.peer is not None:
+            try:
+                self.peer_session = Session(self.peer.info())
+            except ServiceError as exc:
+                raise ServiceError(
+                    f"the peer at {self.peer.address}: {exc}", exc.status, exc.request_id
+                ) from None
         abandoned = self._open_journal(mode)
         resumed = self.journal is not None
         if self.journal is None:
@@ -293,15 +317,24 @@ class Runner:
                     },
                     "participants": [p.journal_json() for p in self.participants],
                     "abandoned": abandoned,
+                    **({"peer": self._peer_json()} if self.peer is not None else {}),
                 }
             )
         else:
             assert self.progress.start is not None
+            self._same_peer(self.progress.start)
             self.participants = self._reload(self.progress.start)
             if self.progress.ended:
                 return self.finish()
             self.record({"type": "resume", "at": self.now(), "next_step": self.progress.next_step})
+        # The same people at the peer: their own logins there, under the peer's audience.
+        self.peer_participants = [
+            Participant(p.principal, p.role, p.holder, p.key_file) for p in self.participants
+        ]
         self.term.say(f"Ceremony {self.progress.ceremony}: {self.script.title}")
+        if self.peer is not None:
+            self.term.say(f"Main service: {self._where(At.MAIN)}")
+            self.term.say(f"Peer: {self._where(At.PEER)}")
         refusal = self._checks_before(resumed)
         if refusal is not None:
             self.term.say(f"The ceremony cannot begin: {refusal}")
@@ -323,12 +356,26 @@ class Runner:
         """Why the run must not go on, or None: state, quorum, roles, emergency, in that order."""
         next_step = self.progress.next_step
         problems = self._state_problems(self.session.info, next_step)
+        if self.peer is not None:
+            problems += self._peer_problems(next_step)
         quorum = self._quorum_problem(self.session.info)
         if quorum is not None:
             problems.append(quorum)
         if problems:
             return "; ".join(problems)
-        if self.script.identities_checked_at_start or (resumed and self._verified_before()):
+        if self.peer is not None and (
+            self.script.identities_checked_at_start_at(At.PEER)
+            or (resumed and self._verified_before(At.PEER))
+        ):
+            checked, problems = verify_identities(
+                self.peer, self.script, self.peer_participants, self.peer_session.audience
+            )
+            self.record(
+                {"type": "identities", "at": self.now(), "checked": checked, "service": "peer"}
+            )
+            if problems:
+                return "; ".join(f"at the peer: {p}" for p in problems)
+        if self.script.identities_checked_at_start or (resumed and self._verified_before(At.MAIN)):
             checked, problems = verify_identities(
                 self.service, self.script, self.participants, self.session.audience
             )
@@ -336,21 +383,104 @@ class Runner:
             if problems:
                 return "; ".join(problems)
             problems = self._emergency_problems(next_step)
+            if self.peer is not None:
+                problems += self._registered_peer_problems()
             if problems:
                 return "; ".join(problems)
         return None
 
-    def _verified_before(self) -> bool:
+    def _verified_before(self, at: At) -> bool:
         """Whether a resumed run's participants were confirmed by a step already recorded."""
         return any(
-            s.action == VERIFY_ACTION and s.number < self.progress.next_step
+            s.action == VERIFY_ACTION and s.at is at and s.number < self.progress.next_step
             for s in self.script.steps
         )
+
+    # --- the peer --------------------------------------------------------------------------
+
+    def _where(self, at: At) -> str:
+        service, info = (
+            (self.service, self.session.info)
+            if at is At.MAIN
+            else (self.peer, self.peer_session.info)
+        )
+        assert service is not None
+        return f"site {info.get('site')} ({info.get('site_kind')}) at {service.address}"
+
+    def _peer_json(self) -> dict[str, Any]:
+        assert self.peer is not None
+        info = self.peer_session.info
+        return {
+            "address": self.peer.address,
+            "audience": self.peer_session.audience,
+            "site": info.get("site"),
+            "site_kind": info.get("site_kind"),
+        }
+
+    def _same_peer(self, start: dict[str, Any]) -> None:
+        """A resumed two-site ceremony goes on with the peer it began with, and no other."""
+        before = start.get("peer")
+        if before is None or self.peer is None:
+            return
+        now = self._peer_json()
+        if (before.get("site"), before.get("audience")) != (now["site"], now["audience"]):
+            raise InvalidRequestError(
+                f"the unfinished ceremony's peer was site {before.get('site')} at "
+                f"{before.get('address')}; {self.peer.address} is site {now['site']}: resume "
+                "with the same peer, or start over (--restart)"
+            )
+
+    def _peer_problems(self, next_step: int) -> list[str]:
+        """The peer's own preconditions, and that it is another site than the main service."""
+        info = self.peer_session.info
+        problems = [
+            f"at the peer: {problem}" for problem in self._state_problems(info, next_step, At.PEER)
+        ]
+        if info.get("site") == self.session.info.get("site"):
+            problems.append(
+                f"the peer is site {info.get('site')}, the same site as the main service: give "
+                "the other site's address with --peer"
+            )
+        return problems
+
+    def _registered_peer_problems(self) -> list[str]:
+        """Whether the peer is the site the main service knows by that name (kind, audit key).
+
+        An unsealed main service that has the peer's site in its registry with an audit key
+        tells an impostor (or a wrong address) from the site itself: the peer's audit key is
+        the one its tree heads and transcripts are signed with.
+        """
+        info = self.peer_session.info
+        admin = next(p for p in self.participants if p.role is CeremonyRole.ADMINISTRATOR)
+        try:
+            known = self.service.call(
+                "GET", f"ekms/sites/{info.get('site')}", token=admin.token or ""
+            )["data"]
+        except ServiceError as exc:
+            if exc.status in (400, 403, 404):
+                return []
+            raise
+        problems = []
+        name = info.get("site")
+        if known.get("kind") != info.get("site_kind"):
+            problems.append(
+                f"the peer answers as site {name} of kind {info.get('site_kind')}, but the main "
+                f"service registered {name} as {known.get('kind')}: it is not the expected site"
+            )
+        if known.get("audit_kid") and info.get("kid") and known["audit_kid"] != info["kid"]:
+            problems.append(
+                f"the peer answers as site {name}, but its audit key ({info['kid']}) is not the "
+                f"one the main service registered for {name} ({known['audit_kid']}): it is not "
+                "the expected site"
+            )
+        return problems
 
     def _run_step(self, step: Step) -> dict[str, Any]:
         total = len(self.script.steps)
         performers = [p for p in self.participants if p.role is step.by]
         self.term.heading(f"Step {step.number} of {total}: {step.title}")
+        if self.peer is not None:
+            self.term.say(f"At: {self._where(step.at)}")
         self.term.say(f"By: {', '.join(p.principal for p in performers)} ({step.by.value})")
         if step.note:
             self.term.say(step.note)
@@ -373,6 +503,10 @@ class Runner:
             "deviations": deviations,
         }
         entry["action" if step.action else "check"] = step.action or step.check
+        if self.peer is not None:  # which site the step touched; the events name theirs
+            info = self.session.info if step.at is At.MAIN else self.peer_session.info
+            entry["service"] = step.at.value
+            entry["site"] = info.get("site")
         self.term.say(f"Step {step.number}: {outcome}. {summary}")
         return entry
 
@@ -406,6 +540,9 @@ class Runner:
         assert step.action is not None
         action = REGISTRY[step.action]
         admin = next(p for p in self.participants if p.role is CeremonyRole.ADMINISTRATOR)
+        sites = {At.MAIN: SiteHandle(self.service, self.session, self.participants)}
+        if self.peer is not None:
+            sites[At.PEER] = SiteHandle(self.peer, self.peer_session, self.peer_participants)
         while True:
             ctx = StepContext(
                 step=step,
@@ -418,20 +555,24 @@ class Runner:
                 journal=self.record,
                 clock=self.clock,
                 history=self._events,
-            )
+                sites=sites,
+                directory=self.directory,
+                ceremony=self.progress.ceremony,
+            ).at_site(step.at)
             try:
                 return "done", action.run(ctx)
             except (StepFailedError, ServiceError, InvalidRequestError) as exc:
                 message = str(exc)
-            self.record(
-                {
-                    "type": "event",
-                    "step": step.number,
-                    "at": self.now(),
-                    "what": "failed",
-                    "error": message,
-                }
-            )
+            failed = {
+                "type": "event",
+                "step": step.number,
+                "at": self.now(),
+                "what": "failed",
+                "error": message,
+            }
+            if self.peer is not None:
+                failed["service"] = step.at.value
+            self.record(failed)
             self.term.say(f"Step {step.number} failed: {message}")
             options = {"r": "retry the step", "a": "stop the ceremony"}
             if step.on_failure is OnFailure.CONTINUE:

@@ -6,6 +6,11 @@ named participant confirms). Nothing here runs a step or reads a file; ``load_sc
 file's bytes and the actions this version of the runner knows, so that ``ekms ceremony check``
 and the runner judge a script by the same rules, and a script naming an action that does not
 exist yet is reported as such rather than failing half-way through a ceremony.
+
+Most ceremonies happen at one service. Those that span two sites (provisioning a site from
+home, failing back to a rebuilt home, decommissioning a site) name the other site's service as
+the **peer** (``ekms ceremony run --peer URL``): a step or precondition with ``at: peer``
+happens there, anything else at the main service, which is the one that signs the transcript.
 """
 
 from __future__ import annotations
@@ -36,7 +41,9 @@ _ACTION_RE = re.compile(r"[a-z][a-z0-9-]*(\.[a-z][a-z0-9-]*)+")
 _TOP_LEVEL = frozenset(
     {"schema", "name", "title", "purpose", "roles", "preconditions", "steps", "rehearsal"}
 )
-_STEP_KEYS = frozenset({"n", "title", "by", "action", "check", "params", "on_failure", "note"})
+_STEP_KEYS = frozenset(
+    {"n", "title", "by", "at", "action", "check", "params", "on_failure", "note"}
+)
 _ROLE_KEYS = frozenset({"service_roles", "minimum", "holds"})
 SERVICE_ROLES = frozenset({"official", "restore-operator", "security-officer", "auditor"})
 
@@ -47,6 +54,13 @@ class CeremonyRole(StrEnum):
     ADMINISTRATOR = "administrator"
     WITNESS = "witness"
     OFFICIALS = "officials"
+
+
+class At(StrEnum):
+    """Which service a step or precondition concerns: the main one, or the ``--peer``."""
+
+    MAIN = "main"  # the service the runner is pointed at; it signs the transcript
+    PEER = "peer"  # the other site's service, given with --peer
 
 
 class OnFailure(StrEnum):
@@ -78,6 +92,9 @@ class ActionInfo:
 
     params: Mapping[str, tuple[type, ...]] = field(default_factory=dict)
     summary: str = ""
+    # The action reads or names the other site (the domain export's target, say), so the
+    # script needs a peer even if every step runs at the main service.
+    needs_peer: bool = False
 
 
 @dataclass(frozen=True)
@@ -94,6 +111,7 @@ class Precondition:
     # Checked when a run starts or resumes before this step (a step that changes what is
     # required, as unsealing does); None: at every start and resume.
     before_step: int | None = None
+    at: At = At.MAIN
 
     def applies(self, next_step: int) -> bool:
         return self.before_step is None or next_step < self.before_step
@@ -105,6 +123,7 @@ class Step:
     title: str
     by: CeremonyRole
     action: str | None = None
+    at: At = At.MAIN
     check: str | None = None
     params: Mapping[str, Any] = field(default_factory=dict)
     on_failure: OnFailure = OnFailure.STOP
@@ -125,6 +144,7 @@ class Script:
     steps: tuple[Step, ...]
     sha256: str  # of the file's bytes, as the transcript names the script
     rehearsal: Mapping[str, Any] = field(default_factory=dict)
+    needs_peer: bool = False  # an action reads or names the other site (ActionInfo.needs_peer)
 
     def role(self, role: CeremonyRole) -> RoleRequirement | None:
         return next((r for r in self.roles if r.role is role), None)
@@ -139,8 +159,25 @@ class Script:
     @property
     def identities_checked_at_start(self) -> bool:
         """Whether the service can confirm roles before step 1: only an unsealed one logs in."""
+        return self.identities_checked_at_start_at(At.MAIN)
+
+    def identities_checked_at_start_at(self, at: At) -> bool:
         return any(
-            p.require is Requirement.UNSEALED and p.before_step is None for p in self.preconditions
+            p.require is Requirement.UNSEALED and p.before_step is None and p.at is at
+            for p in self.preconditions
+        )
+
+    def verifies_at(self, at: At) -> bool:
+        """Whether a step logs the participants in at that service (``participants.verify``)."""
+        return any(s.action == VERIFY_ACTION and s.at is at for s in self.steps)
+
+    @property
+    def uses_peer(self) -> bool:
+        """Whether the ceremony spans two sites: ``ekms ceremony run`` then needs ``--peer``."""
+        return (
+            self.needs_peer
+            or any(s.at is At.PEER for s in self.steps)
+            or any(p.at is At.PEER for p in self.preconditions)
         )
 
 
@@ -191,6 +228,7 @@ class _Checker:
         self.actions = actions
         self.errors: list[str] = []
         self.unknown: set[str] = set()
+        self.peer_actions: set[str] = set()
 
     def fail(self, message: str) -> None:
         self.errors.append(message)
@@ -235,11 +273,23 @@ class _Checker:
             steps=steps,
             sha256=sha256,
             rehearsal=rehearsal,
+            needs_peer=bool(self.peer_actions),
         )
-        if steps and not script.identities_checked_at_start and VERIFY_ACTION not in script.actions:
+        if steps and not script.identities_checked_at_start and not script.verifies_at(At.MAIN):
             self.fail(
                 "the service is not unsealed before step 1, so it cannot confirm the "
                 f"participants' roles then: add a {VERIFY_ACTION} step after the service opens"
+            )
+        if (
+            steps
+            and script.uses_peer
+            and not script.identities_checked_at_start_at(At.PEER)
+            and not script.verifies_at(At.PEER)
+        ):
+            self.fail(
+                "the peer is not unsealed before step 1, so it cannot confirm the participants' "
+                f"roles then: add a {VERIFY_ACTION} step at: peer after the peer opens (or the "
+                "precondition unsealed at: peer)"
             )
         return script
 
@@ -301,10 +351,16 @@ class _Checker:
         for n, item in enumerate(data, 1):
             where = f"preconditions[{n}]"
             raw, before = (item, None) if isinstance(item, str) else (None, None)
+            at = At.MAIN
             if isinstance(item, dict):
-                if set(item) - {"require", "before_step"}:
-                    self.fail(f"{where}: only require and before_step are allowed")
+                if set(item) - {"require", "before_step", "at"}:
+                    self.fail(f"{where}: only require, before_step and at are allowed")
                 raw, before = item.get("require"), item.get("before_step")
+                try:
+                    at = parse_choice(At, item.get("at", "main"), "site (at)")
+                except InvalidRequestError as exc:
+                    self.fail(f"{where}: {exc}")
+                    continue
             try:
                 require = parse_choice(Requirement, raw, "precondition")
             except InvalidRequestError as exc:
@@ -313,7 +369,10 @@ class _Checker:
             if before is not None and (not isinstance(before, int) or isinstance(before, bool)):
                 self.fail(f"{where}.before_step must be a step number")
                 before = None
-            found.append(Precondition(require, before))
+            if at is At.PEER and require in (Requirement.EMERGENCY, Requirement.NO_EMERGENCY):
+                self.fail(f"{where}: emergency preconditions are checked at the main service only")
+                continue
+            found.append(Precondition(require, before, at))
         return tuple(found)
 
     def steps(self, data: object, roles: set[CeremonyRole]) -> tuple[Step, ...]:
@@ -349,6 +408,11 @@ class _Checker:
             by = CeremonyRole.ADMINISTRATOR
         if by not in roles:
             self.fail(f"{where}: by {by.value}, but the script's roles do not include them")
+        try:
+            at = parse_choice(At, data.get("at", "main"), "site (at)")
+        except InvalidRequestError as exc:
+            self.fail(f"{where}: {exc}")
+            at = At.MAIN
         action, check = data.get("action"), data.get("check")
         params = data.get("params", {})
         if (action is None) == (check is None):
@@ -370,6 +434,7 @@ class _Checker:
             title=title,
             by=by,
             action=action,
+            at=at,
             check=check,
             params=params if isinstance(params, dict) else {},
             on_failure=on_failure,
@@ -387,6 +452,8 @@ class _Checker:
         if info is None:
             self.unknown.add(name)
             return name
+        if info.needs_peer:
+            self.peer_actions.add(name)
         for key, value in params.items():
             types = info.params.get(str(key))
             if types is None:

@@ -7,6 +7,7 @@ lists those ids so that an auditor can find each step's records in the audit log
 from __future__ import annotations
 
 import re
+import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,19 @@ class ServiceError(Exception):
 class Service:
     address: str
     request_ids: list[str] = field(default_factory=list)
+    # The CA bundle that this service's TLS certificate chains to, when the system's does not
+    # (another site's service, given with --peer-ca); None: the system's trust store.
+    ca_file: str | None = None
+    _context: ssl.SSLContext | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.ca_file:
+            try:
+                self._context = ssl.create_default_context(cafile=self.ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise ServiceError(
+                    f"cannot use the CA file {self.ca_file}: {exc}", None, None
+                ) from None
 
     def call(
         self,
@@ -39,6 +53,7 @@ class Service:
     ) -> Any:
         """One request; its request id is kept for the step that made it, refused or not."""
         client = Client(self.address, token)
+        client.context = self._context
         try:
             answer = client.call(method, path, body)
         except CliError as exc:

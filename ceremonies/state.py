@@ -89,6 +89,7 @@ class Progress:
     total_steps: int
     start: dict[str, Any] | None = None
     identities: list[dict[str, Any]] = field(default_factory=list)
+    peer_identities: list[dict[str, Any]] = field(default_factory=list)  # checked at --peer
     steps: list[dict[str, Any]] = field(default_factory=list)
     events: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
     resumptions: list[dict[str, Any]] = field(default_factory=list)
@@ -133,6 +134,8 @@ class Progress:
             if not isinstance(entry.get("ceremony"), str) or not entry["ceremony"]:
                 raise JournalError("the start names no ceremony id")
             self.start = dict(entry)
+        elif kind == "identities" and entry.get("service") == "peer":
+            self.peer_identities = list(entry.get("checked", []))
         elif kind == "identities":
             self.identities = list(entry.get("checked", []))
         elif kind == "event":

@@ -67,7 +67,7 @@ def build(progress: Progress) -> dict[str, Any]:
         e
         for events in progress.events.values()
         for e in events
-        if e.get("what") == "identity-checked"
+        if e.get("what") == "identity-checked" and e.get("service") != "peer"
     ]
     roles_by_principal = {p["principal"]: p.get("service_roles") for p in checked}
     for participant in participants:
@@ -91,12 +91,19 @@ def build(progress: Progress) -> dict[str, Any]:
     }
     if progress.end.get("reason"):
         body["abort_reason"] = progress.end["reason"]
+    if start.get("peer"):  # a ceremony that spans two sites: the other one
+        body["peer"] = start["peer"]
+        body["peer_identity_check"] = progress.peer_identities
     return body
 
 
 def _step(record: Mapping[str, Any], events: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     kept = [{k: v for k, v in e.items() if k not in ("type", "step")} for e in events]
-    request_ids = [str(e["request_id"]) for e in kept if e.get("request_id")]
+    # Each service audits under its own request ids: the peer's are listed apart, to be looked
+    # up in the peer's log.
+    request_ids = [
+        str(e["request_id"]) for e in kept if e.get("request_id") and e.get("service") != "peer"
+    ]
     step = {k: v for k, v in record.items() if k not in ("type", "step", "at")}
     step.update(
         number=record["step"],
@@ -104,6 +111,11 @@ def _step(record: Mapping[str, Any], events: Sequence[Mapping[str, Any]]) -> dic
         events=kept,
         request_ids=list(dict.fromkeys(request_ids)),
     )
+    peer_ids = [
+        str(e["request_id"]) for e in kept if e.get("request_id") and e.get("service") == "peer"
+    ]
+    if peer_ids:
+        step["peer_request_ids"] = list(dict.fromkeys(peer_ids))
     return step
 
 
@@ -199,19 +211,7 @@ class Summary:
         steps = body.get("steps")
         if not isinstance(steps, list) or len(steps) > MAX_STEPS:
             raise InvalidRequestError(f"transcript steps must be a list of at most {MAX_STEPS}")
-        summaries = []
-        for n, step in enumerate(steps, 1):
-            if not isinstance(step, dict) or step.get("number") != n:
-                raise InvalidRequestError(f"transcript step {n} is not step number {n}")
-            summaries.append(
-                {
-                    "number": n,
-                    "kind": str(step.get("kind", ""))[:16],
-                    "name": str(step.get("action") or "check")[:64],
-                    "outcome": str(step.get("outcome", ""))[:16],
-                    "deviations": len(step.get("deviations") or []),
-                }
-            )
+        summaries = [_step_summary(n, step) for n, step in enumerate(steps, 1)]
         return cls(
             ceremony=str(ceremony),
             script=name,
@@ -222,6 +222,22 @@ class Summary:
             steps=tuple(summaries),
             digest=_digest_of(encoded),
         )
+
+
+def _step_summary(n: int, step: object) -> dict[str, Any]:
+    """One line of the audit record per step (the whole transcript rides along)."""
+    if not isinstance(step, dict) or step.get("number") != n:
+        raise InvalidRequestError(f"transcript step {n} is not step number {n}")
+    summary: dict[str, Any] = {
+        "number": n,
+        "kind": str(step.get("kind", ""))[:16],
+        "name": str(step.get("action") or "check")[:64],
+        "outcome": str(step.get("outcome", ""))[:16],
+        "deviations": len(step.get("deviations") or []),
+    }
+    if step.get("site") is not None:  # a two-site ceremony: where the step happened
+        summary["site"] = str(step["site"])[:64]
+    return summary
 
 
 def _participants(value: object) -> tuple[Mapping[str, Any], ...]:

@@ -2,20 +2,23 @@
 it against, and the checks that a transcript landed in the audit log with valid signatures.
 
 The runner is the installed console script, driven by pexpect prompt by prompt as the people in
-the room would answer it; the server is a real one (SoftHSM, SQLite) in the test's process.
+the room would answer it; the server is a real one (SoftHSM, SQLite) in the test's process, or,
+for the ceremonies that span two sites, one ``ekms server`` process per site
+(``tests.support.sites``).
 Fixtures here are imported by the ceremony test modules (``from tests.support.ceremony import
 site``) so that there is one copy of each.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
 import shutil
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +31,7 @@ from ceremonies.transcript import check_file, digest
 from kms.jose import parse_public_jwk
 from tests.conftest import ServerThread, make_settings
 from tests.integration.test_access import Party, World
+from tests.support.sites import SiteProcess, SiteSpec, bootstrap, data, provision
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
@@ -157,7 +161,7 @@ def assert_no_secrets(directory: Path, secrets: Iterable[str]) -> None:
             assert probe not in text, written
 
 
-def audit_record(world: World, token: str, request_id: str) -> dict[str, Any]:
+def audit_record(world: World | SiteProcess, token: str, request_id: str) -> dict[str, Any]:
     response = world.call("GET", "ekms/audit/export", token)
     assert response.status_code == 200, response.text
     for line in response.text.splitlines():
@@ -167,7 +171,9 @@ def audit_record(world: World, token: str, request_id: str) -> dict[str, Any]:
     raise AssertionError(f"no audit record {request_id}")
 
 
-def check_landed(world: World, officer: str, document: dict[str, Any]) -> dict[str, Any]:
+def check_landed(
+    world: World | SiteProcess, officer: str, document: dict[str, Any]
+) -> dict[str, Any]:
     """The transcript's signatures verify, and its digest is in a ceremony.transcript record."""
     heads = world.call("GET", "ekms/audit/heads", officer).json()["data"]
     audit_key = parse_public_jwk(heads["public_key"])
@@ -262,3 +268,168 @@ def blank(tmp_path: Path) -> Iterator[ServerThread]:
     with ServerThread(runtime) as server:
         yield server
     runtime.close()
+
+
+# --- two sites: the site ceremonies -----------------------------------------------------------
+#
+# Each site is its own ``ekms server`` process (``tests.support.sites``): two SoftHSM tokens
+# cannot be open in one process. Home is initialised here with three officials (2 of 3), an
+# officer, an auditor, a restore operator, a restore tool and a backup writer, and keys of three
+# classifications with a data key wrapped under each. Other sites are launched as the test needs
+# them (launched early and waited for late, so their start-ups overlap the test's work).
+
+HOME_KEYS = {"laws": "internal", "registry": "confidential", "census": "secret"}
+
+
+@dataclass(frozen=True)
+class Wrapped:
+    """A data key as a site made it: the plaintext to compare, the ciphertext to keep."""
+
+    key: str
+    context: str
+    ciphertext: str
+    plaintext: bytes
+
+    def body(self) -> dict[str, str]:
+        return {"ciphertext": self.ciphertext, "context": self.context}
+
+
+@dataclass
+class Crew:
+    officials: list[Party]
+    officer: Party
+    auditor: Party
+    operator: Party
+    tool: Party
+    writer: Party
+
+    @classmethod
+    def new(cls) -> Crew:
+        return cls(
+            [Party.ec(f"official-{n}") for n in range(3)],
+            Party.ec("officer"),
+            Party.ec("auditor"),
+            Party.ec("operator"),
+            Party.ed("restore-tool"),
+            Party.ec("backup-writer"),
+        )
+
+    @property
+    def ceremony(self) -> list[Party]:
+        """Administrator, witness and the three officials, in the order the runner asks."""
+        return [self.officer, self.auditor, *self.officials]
+
+
+@dataclass
+class Domain:
+    tmp: Path
+    crew: Crew
+    home: SiteProcess
+    shares: list[str] = field(default_factory=list)
+    root: str = ""
+    wrapped: list[Wrapped] = field(default_factory=list)
+    started: list[SiteProcess] = field(default_factory=list)
+
+    def launch(self, name: str, kind: str, directory: str = "") -> SiteProcess:
+        """A new, uninitialised site's server, launched (``wait_ready`` before use)."""
+        site = SiteProcess(SiteSpec(name, kind, self.tmp / (directory or name)))
+        self.started.append(site)
+        return site.launch()
+
+    def key_files(self) -> list[tuple[str, str]]:
+        return key_files(self.tmp / "keys", self.crew.ceremony)
+
+    def officer(self, site: SiteProcess) -> str:
+        return site.login(self.crew.officer)
+
+    def provision(self, site: SiteProcess) -> dict[str, Any]:
+        """What provision-site does, over the API: register, export, load, unseal (2 of 3),
+        and pin the new site's audit key at home."""
+        site.wait_ready()
+        token = self.officer(self.home)
+        self.home.register_site(token, site)
+        exported = provision(self.home, token, site, self.shares[1:])
+        there = self.officer(site)
+        data(site.call("POST", "ekms/audit/tree-head", there))  # makes its audit key
+        key = data(site.call("GET", "ekms/audit/heads", there))["public_key"]
+        body = {"audit_public_key": key}
+        data(self.home.call("POST", f"ekms/sites/{site.name}/audit-key", token, body))
+        return exported
+
+    def datakey(self, site: SiteProcess, key: str, obj: str) -> Wrapped:
+        context = base64.b64encode(
+            json.dumps({"dataset": key, "site": site.name, "object": obj}).encode()
+        ).decode()
+        writer = self.crew.writer
+        path = f"transit/datakey/plaintext/{key}"
+        made = data(site.dpop_call(writer, "POST", path, site.login(writer), {"context": context}))
+        return Wrapped(key, context, made["ciphertext"], base64.b64decode(made["plaintext"]))
+
+    def restore(self, site: SiteProcess, wrapped: list[Wrapped]) -> list[bytes]:
+        """A restore at ``site``: filed, approved by two officials, the tool's DPoP-bound
+        credential, and each data key unwrapped with it."""
+        crew = self.crew
+        request = data(
+            site.propose(
+                crew.operator,
+                "restore",
+                {
+                    "datasets": sorted({w.key for w in wrapped}),
+                    "reason": "disaster-recovery",
+                    "justification": "restore after the ceremony",
+                    "tool": crew.tool.id,
+                    "ttl": 600,
+                },
+            )
+        )
+        for official in crew.officials[:2]:
+            request = data(site.approve(official, request))
+        assert request["state"] == "approved", request
+        path = f"ekms/proposals/{request['id']}/credential"
+        granted = site.dpop_call(crew.tool, "POST", path, site.login(crew.tool))
+        assert granted.status_code == 200, granted.text
+        credential = str(granted.json()["auth"]["client_token"])
+        found = []
+        for item in wrapped:
+            answer = site.dpop_call(
+                crew.tool, "POST", f"transit/decrypt/{item.key}", credential, item.body()
+            )
+            found.append(base64.b64decode(data(answer)["plaintext"]))
+        return found
+
+
+@pytest.fixture
+def domain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Domain]:
+    """Home, initialised and unsealed, with the crew registered, keys and data keys made."""
+    for name in ("VAULT_ADDR", "VAULT_TOKEN", "EKMS_ADDR", "EKMS_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    crew = Crew.new()
+    home = SiteProcess(SiteSpec("home", "home", tmp_path / "home"))
+    found = Domain(tmp_path, crew, home, started=[home])
+    try:
+        home.start()
+        found.shares, found.root = bootstrap(
+            home,
+            officials=crew.officials,
+            officer=crew.officer,
+            others={
+                "auditor": [crew.auditor],
+                "restore-operator": [crew.operator],
+                "restore-tool": [crew.tool],
+                "backup-writer": [crew.writer],
+            },
+        )
+        officer = found.officer(home)
+        for name, classification in HOME_KEYS.items():
+            body = {"classification": classification}
+            data(home.call("POST", f"transit/keys/{name}", officer, body))
+        found.wrapped = [found.datakey(home, name, f"home/{name}/1") for name in HOME_KEYS]
+        yield found
+    finally:
+        for site in found.started:
+            site.stop()
+
+
+def approve_all(run: Terminal, officials: Iterable[str]) -> None:
+    for official in officials:
+        run.answer(rf"{official}: approve it\? \[y/n\]: ", "y")

@@ -183,3 +183,68 @@ def test_a_transcript_too_large_to_record_is_refused() -> None:
     body["steps"][0]["deviations"][0]["reason"] = "x" * transcript.MAX_TRANSCRIPT_BYTES
     with pytest.raises(InvalidRequestError, match="at most 262144 are recorded"):
         transcript.Summary.of(body)
+
+
+def two_site_progress() -> Progress:
+    """A ceremony with a peer: its start names it, a step ran there, an event happened there."""
+    start = {
+        "type": "start",
+        "ceremony": CEREMONY,
+        "at": "2025-06-15T15:06:40.000Z",
+        "script": {"name": "two", "title": "Two sites", "sha256": "cd" * 32},
+        "rehearsal": False,
+        "service": {"address": "http://home:8200", "audience": AUDIENCE, "site": "home"},
+        "participants": [participant(ADMIN, "administrator"), participant(WITNESS, "witness")],
+        "abandoned": [],
+        "peer": {
+            "address": "http://embassy:8200",
+            "audience": "embassy-kms/embassy-1",
+            "site": "embassy-1",
+            "site_kind": "embassy",
+        },
+    }
+    checked = [{"principal": "admin", "service_roles": ["security-officer"], "request_id": "p-0"}]
+    entries: list[dict[str, Any]] = [
+        start,
+        {"type": "identities", "at": "t", "checked": checked, "service": "peer"},
+        {"type": "identities", "at": "t", "checked": [{**checked[0], "request_id": "h-0"}]},
+        {"type": "event", "step": 1, "at": "t", "what": "head-signed", "request_id": "p-1"}
+        | {"service": "peer"},
+        {"type": "event", "step": 1, "at": "t", "what": "head-recorded", "request_id": "h-1"}
+        | {"service": "main"},
+        {
+            "type": "step",
+            "step": 1,
+            "at": "2025-06-15T15:07:00.000Z",
+            "started_at": "2025-06-15T15:06:50.000Z",
+            "title": "Record the head",
+            "kind": "action",
+            "action": "site.record-head",
+            "by": ["admin"],
+            "outcome": "done",
+            "summary": "recorded",
+            "deviations": [],
+            "service": "main",
+            "site": "home",
+        },
+        {"type": "end", "at": "2025-06-15T15:08:00.000Z", "outcome": "completed"},
+    ]
+    return Progress.replay(1, entries)
+
+
+def test_a_two_site_transcript_says_where_each_step_and_request_was() -> None:
+    progress = two_site_progress()
+    assert [c["request_id"] for c in progress.identities] == ["h-0"]  # not overwritten
+    assert [c["request_id"] for c in progress.peer_identities] == ["p-0"]
+    body = transcript.build(progress)
+    assert body["peer"]["site"] == "embassy-1"
+    assert body["peer_identity_check"][0]["request_id"] == "p-0"
+    step = body["steps"][0]
+    assert (step["service"], step["site"]) == ("main", "home")
+    assert step["request_ids"] == ["h-1"]
+    assert step["peer_request_ids"] == ["p-1"]
+    assert transcript.Summary.of(body).steps[0]["site"] == "home"
+    text = render_markdown({"transcript": body, "digest": transcript.digest(body)})
+    assert "| Peer | site embassy-1 (embassy) at http://embassy:8200" in text
+    assert "- Where: site home (main)" in text
+    assert "- Peer's request ids: `p-1`" in text
