@@ -36,6 +36,7 @@ class ProposalKind(StrEnum):
     SITE_FAILOVER = "site-failover"  # this site takes over from another (kms.sites)
     SITE_FAILBACK = "site-failback"  # this (rebuilt) site resumes; the embassy is retired
     SITE_RETIRE = "site-retire"  # this site stops for good; every token here is revoked
+    SITE_DECOMMISSION = "site-decommission"  # this active site records another as retired
 
 
 class ReasonCode(StrEnum):

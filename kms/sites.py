@@ -70,13 +70,19 @@ _TRANSITIONS: Mapping[SiteStatus, frozenset[SiteStatus]] = {
     SiteStatus.RETIRED: frozenset(),
 }
 SITE_PROPOSALS = frozenset(
-    {ProposalKind.SITE_FAILOVER, ProposalKind.SITE_FAILBACK, ProposalKind.SITE_RETIRE}
+    {
+        ProposalKind.SITE_FAILOVER,
+        ProposalKind.SITE_FAILBACK,
+        ProposalKind.SITE_RETIRE,
+        ProposalKind.SITE_DECOMMISSION,
+    }
 )
 # The fields each site proposal's payload may carry (``kms.access`` refuses any other).
 SITE_PAYLOAD_FIELDS: Mapping[ProposalKind, frozenset[str]] = {
     ProposalKind.SITE_FAILOVER: frozenset({"previous", "justification"}),
     ProposalKind.SITE_FAILBACK: frozenset({"embassy", "justification"}),
     ProposalKind.SITE_RETIRE: frozenset({"justification", "destroy_keys"}),
+    ProposalKind.SITE_DECOMMISSION: frozenset({"site", "justification"}),
 }
 _REFUSALS = {
     SiteStatus.STANDBY: "key operations start here after a failover (proposal site-failover)",
@@ -406,6 +412,9 @@ class SiteRegistry:
             if not isinstance(destroy, bool):
                 raise InvalidRequestError("destroy_keys must be true or false")
             return {"justification": justification, "destroy_keys": destroy}
+        if kind is ProposalKind.SITE_DECOMMISSION:
+            other = self._decommission_checks(payload.get("site"))
+            return {"site": other.name, "justification": justification}
         raise InvalidRequestError(f"{kind.value} is not a site proposal")
 
     def execute(self, kind: ProposalKind, payload: Mapping[str, Any]) -> dict[str, Any]:
@@ -434,7 +443,27 @@ class SiteRegistry:
             self._change([change], now, revoke_tokens=True)
             destroyed = self._destroy_keys() if payload.get("destroy_keys") is True else []
             return {"retired": own.name, "destroyed_keys": destroyed}
+        if kind is ProposalKind.SITE_DECOMMISSION:
+            other = self._decommission_checks(payload.get("site"))
+            self._change([StatusChange(other.name, other.status, SiteStatus.RETIRED)], now)
+            return {"retired": other.name}
         raise InvalidRequestError(f"{kind.value} is not a site proposal")
+
+    def _decommission_checks(self, name: object) -> SiteRecord:
+        """Only the active site records another's end, and only of a site it knows, once."""
+        own = self._own_not_retired()
+        if own.status is not SiteStatus.ACTIVE:
+            raise ConflictError(
+                f"this site is {own.status.value}: only the active site decommissions another"
+            )
+        if not isinstance(name, str):
+            raise InvalidRequestError("site must be the name of a registered site")
+        other = self.get(name)
+        if other.name == own.name:
+            raise ConflictError("a site retires itself with site-retire, not site-decommission")
+        if other.status is SiteStatus.RETIRED:
+            raise ConflictError(f"site {other.name!r} is retired already")
+        return other
 
     def _change(
         self, changes: Sequence[StatusChange], at: float, *, revoke_tokens: bool = False

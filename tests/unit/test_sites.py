@@ -427,6 +427,38 @@ def test_retire_revokes_and_destroys_only_with_the_flag() -> None:
     assert keys.names == []
 
 
+def test_decommission_retires_another_site_only_from_the_active_one() -> None:
+    decommission = ProposalKind.SITE_DECOMMISSION
+    store = FakeStore()
+    store.rows["home"] = record("home", S.STANDBY)
+    store.rows["embassy-1"] = record("embassy-1", S.STANDBY, kind=SiteKind.EMBASSY)
+    sites = SiteRegistry(
+        store=store,
+        clock=FakeClock(),
+        here=Site("home", SiteKind.HOME),
+        backend=SiteBackend.PKCS11,
+        keys=FakeKeys(),
+    )
+    payload = {"site": "embassy-1", "justification": "closing the embassy"}
+    with pytest.raises(ConflictError, match="only the active site"):
+        sites.proposal_payload(decommission, payload)
+    store.rows["home"] = record("home", S.ACTIVE)
+    with pytest.raises(ConflictError, match="site-retire"):
+        sites.proposal_payload(decommission, {"site": "home", "justification": "x"})
+    with pytest.raises(NotFoundError):
+        sites.proposal_payload(decommission, {"site": "embassy-9", "justification": "x"})
+    with pytest.raises(InvalidRequestError, match="registered site"):
+        sites.proposal_payload(decommission, {"site": 7, "justification": "x"})
+    clean = sites.proposal_payload(decommission, payload)
+    assert clean == payload
+    assert sites.execute(decommission, clean) == {"retired": "embassy-1"}
+    assert store.rows["embassy-1"].status is S.RETIRED
+    assert store.rows["home"].status is S.ACTIVE
+    assert store.revocations == 0  # this site's tokens are untouched
+    with pytest.raises(ConflictError, match="retired already"):
+        sites.proposal_payload(decommission, payload)
+
+
 def test_unknown_kinds_are_not_site_proposals() -> None:
     sites, _ = standby_embassy()
     with pytest.raises(InvalidRequestError, match="not a site proposal"):
