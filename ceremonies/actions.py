@@ -1652,6 +1652,13 @@ def _site_named(ctx: StepContext, what: str, default: str) -> str:
     return name[:64]
 
 
+def _other_site(ctx: StepContext, what: str) -> str:
+    """The site a proposal names: the ceremony's peer when it has one, else ``_site_named``."""
+    if At.PEER in ctx.sites:
+        return ctx.other().site
+    return _site_named(ctx, what, "")
+
+
 @action(
     "site.failover",
     "officials propose that this site takes over from another (site-failover); a quorum approves",
@@ -1677,11 +1684,8 @@ def failover(ctx: StepContext) -> str:
     embassy=(str,),
 )
 def failback(ctx: StepContext) -> str:
-    other = ctx.other().site if At.PEER in ctx.sites else ""
-
     def payload() -> dict[str, Any]:
-        embassy = other or _site_named(ctx, "embassy", "")
-        return {"embassy": embassy, "justification": _justification(ctx)}
+        return {"embassy": _other_site(ctx, "embassy"), "justification": _justification(ctx)}
 
     proposal = _proposal(ctx, "site-failback", payload)
     embassy = proposal["payload"]["embassy"]
@@ -1698,10 +1702,8 @@ def failback(ctx: StepContext) -> str:
     site=(str,),
 )
 def decommission(ctx: StepContext) -> str:
-    other = ctx.other().site if At.PEER in ctx.sites else ""
-
     def payload() -> dict[str, Any]:
-        return {"site": other or _site_named(ctx, "site", ""), "justification": _justification(ctx)}
+        return {"site": _other_site(ctx, "site"), "justification": _justification(ctx)}
 
     proposal = _proposal(ctx, "site-decommission", payload)
     return (
