@@ -43,7 +43,8 @@ def create_app(runtime: Runtime, seal_control: SealControl) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        """Sign audit tree heads on a schedule, and a last one when the worker stops."""
+        """Take in journals crashed workers left; sign heads on a schedule and when stopping."""
+        runtime.audit.recover()
         interval = runtime.settings.audit_head_interval
         signer = (
             asyncio.create_task(runtime.audit_log.sign_periodically(interval)) if interval else None
@@ -55,6 +56,7 @@ def create_app(runtime: Runtime, seal_control: SealControl) -> FastAPI:
                 signer.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await signer
+            runtime.audit.close()
             runtime.audit_log.sign_quietly("at shutdown", create_key=False)
 
     app = FastAPI(

@@ -132,6 +132,7 @@ class Runtime:
         self.access.forget_verified()
 
     def close(self) -> None:
+        self.audit.close()
         self.seal_process()
         self.store.dispose()
 
@@ -230,6 +231,8 @@ def create_runtime(
             max_emergency=settings.max_emergency_hours * 3600.0,
         ),
     )
+    audit = AuditWriter(store, settings.journal_dir, settings.node_name)
+    store.before_audit_read(audit.drain)
     return Runtime(
         settings=settings,
         store=store,
@@ -238,7 +241,7 @@ def create_runtime(
         keys=keys,
         access=access,
         review=ReviewService(store=store, clock=clock),
-        audit=AuditWriter(store),
+        audit=audit,
         audit_log=AuditLog(keys=keys, store=store, barrier=barrier, clock=clock),
         sites=sites,
         provisioner=provisioner,

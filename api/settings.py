@@ -48,6 +48,11 @@ class Settings:
     dev: bool = False
     # Sign an audit tree head this often (seconds) if the log grew; 0: only on demand and at seal.
     audit_head_interval: int = 300
+    # Acknowledge a request once its record is in this worker's local journal, and take the
+    # journal into the Merkle log every few ms (ADR 0013). "auto": on with SQLite, whose commit
+    # is no more durable than the journal's write; off with PostgreSQL, whose commit is.
+    audit_journal: str = "auto"  # auto | on | off
+    audit_journal_dir: str = ""  # default data_dir/audit-journal; local to this node
     # --- access control (docs/access-control.md) ---
     site_name: str = "home"
     site_kind: str = "home"  # home | embassy | public-cloud
@@ -88,8 +93,7 @@ class Settings:
             raise ConfigError("max_batch_items must be between 1 and 100000")
         if not 10 <= self.unseal_timeout <= 86_400:
             raise ConfigError("unseal_timeout must be between 10 s and 24 h")
-        if self.audit_head_interval != 0 and not 10 <= self.audit_head_interval <= 86_400:
-            raise ConfigError("audit_head_interval must be 0 (off) or between 10 s and 24 h")
+        self._check_audit()
         self._check_access_control()
         self._check_backend()
         host, _ = self.host_port
@@ -100,6 +104,14 @@ class Settings:
             )
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ConfigError("tls_cert_file and tls_key_file go together")
+
+    def _check_audit(self) -> None:
+        if self.audit_head_interval != 0 and not 10 <= self.audit_head_interval <= 86_400:
+            raise ConfigError("audit_head_interval must be 0 (off) or between 10 s and 24 h")
+        if self.audit_journal not in ("auto", "on", "off"):
+            raise ConfigError("audit_journal must be one of: auto, on, off")
+        if not self.audit_journal_dir:
+            self.audit_journal_dir = str(self.data_dir / "audit-journal")
 
     def _check_access_control(self) -> None:  # noqa: C901 - one bound per setting
         try:
@@ -182,6 +194,15 @@ class Settings:
     @property
     def tls_enabled(self) -> bool:
         return bool(self.tls_cert_file and self.tls_key_file)
+
+    @property
+    def journal_dir(self) -> Path | None:
+        """Where this worker journals audit records, or None to commit each batch directly."""
+        if self.audit_journal == "off" or (
+            self.audit_journal == "auto" and not self.database_url.startswith("sqlite")
+        ):
+            return None
+        return Path(self.audit_journal_dir)
 
     @property
     def host_port(self) -> tuple[str, int]:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, NamedTuple
 
-from kms.canonical import canonical_json
+from kms.canonical import canonical_json, canonical_record
 from kms.errors import InvalidRequestError
 
 HASH_PREFIX = "hmac-sha256:"
@@ -49,9 +49,30 @@ class AuditRecord:
         return {k: v for k, v in values.items() if v is not None and v != {}}
 
     def leaf_json(self) -> dict[str, Any]:
-        """The record as the Merkle log stores and hashes it: ``time`` as ``time_us``."""
-        values = {name: getattr(self, name) for name in _LEAF_FIELDS}
-        values = {k: v for k, v in values.items() if v is not None and v != {}}
+        """The record as the Merkle log stores and hashes it: ``time`` as ``time_us``.
+
+        Fields that are None or empty are left out. Spelled out field by field rather than
+        looped over: it runs for every request, and this is half the cost.
+        """
+        values: dict[str, Any] = {
+            "request_id": self.request_id,
+            "node": self.node,
+            "operation": self.operation,
+            "decision": self.decision,
+            "status": self.status,
+        }
+        if self.principal is not None:
+            values["principal"] = self.principal
+        if self.path is not None:
+            values["path"] = self.path
+        if self.key is not None:
+            values["key"] = self.key
+        if self.version is not None:
+            values["version"] = self.version
+        if self.reason is not None:
+            values["reason"] = self.reason
+        if self.details:
+            values["details"] = self.details
         values["time_us"] = time_us(self.time)
         return values
 
@@ -64,14 +85,39 @@ class AuditRecord:
         """
         values = self.leaf_json()
         try:
-            return canonical_json(values)
+            return canonical_record(values)
         except InvalidRequestError as exc:
             values["details"] = {"unencodable_details": str(exc)}
             return canonical_json(values)
 
 
 _FIELDS = tuple(f.name for f in fields(AuditRecord))
-_LEAF_FIELDS = tuple(name for name in _FIELDS if name != "time")
+
+
+class JournalEntry(NamedTuple):
+    """A record as acknowledged through the local journal, waiting to join the tree.
+
+    ``data`` is the record's canonical bytes (its leaf is their hash); the other fields are the
+    columns the log indexes it by, taken from the same record. (A named tuple: one is made per
+    request, and a frozen dataclass costs three times as much to make.)
+    """
+
+    time: float
+    request_id: str
+    node: str
+    data: bytes
+
+    @classmethod
+    def of(cls, record: AuditRecord) -> JournalEntry:
+        return cls(record.time, record.request_id, record.node, record.canonical())
+
+
+@dataclass(frozen=True)
+class JournalMark:
+    """How far a journal file is in the log: committed with the entries that reach it."""
+
+    name: str
+    offset: int
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from kms.access import StoredProposalView
-    from kms.audit import Admission, AuditRecord, Refusal
+    from kms.audit import Admission, AuditRecord, JournalEntry, JournalMark, Refusal
     from kms.custody import ShareSetDescriptor
     from kms.identity import Principal
     from kms.keys import KeyPolicy, KeyType, KeyVersion
@@ -196,12 +196,27 @@ class AuditSink(Protocol):
         """Durably append records, in order; raises on failure (the caller fails closed)."""
         ...
 
-    def commit(self, batch: Sequence[tuple[AuditRecord, Admission | None]]) -> list[Refusal | None]:
-        """Check each admission and append each record, in one transaction.
+    def commit(
+        self,
+        batch: Sequence[tuple[AuditRecord, Admission | None]],
+        journaled: Sequence[JournalEntry] = (),
+        mark: JournalMark | None = None,
+    ) -> list[Refusal | None]:
+        """Append ``journaled``, then check each admission and append each record, at once.
 
-        Returns, per entry, ``None`` if admitted or the ``Refusal``; a refused entry's record
+        One transaction holds it all, with ``mark`` (how far its journal file now is in the
+        log), so a journal is taken into the log exactly once even across a crash. Returns,
+        per ``batch`` entry, ``None`` if admitted or the ``Refusal``; a refused entry's record
         is stored as a denial with that reason. Raises on failure (the caller fails closed).
         """
+        ...
+
+    def journal_offset(self, name: str) -> int:
+        """How much of journal ``name`` the log holds (0 if none of it)."""
+        ...
+
+    def forget_journal(self, name: str) -> None:
+        """Drop a journal's mark once its file is gone."""
         ...
 
 

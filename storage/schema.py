@@ -111,6 +111,16 @@ audit_tree = Table(
     Column("range", LargeBinary, nullable=False),
 )
 
+# How far each worker's local audit journal (storage.audit_journal) is in the log: the byte
+# offset up to which its records are leaves. Written in the same transaction as those leaves,
+# so a journal recovered after a crash is taken in from exactly where the log stops.
+audit_journals = Table(
+    "audit_journals",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("ingested", BigInteger, nullable=False),
+)
+
 # Signed tree heads (kms.audit_export.TreeHead with its JWS); one per size.
 audit_heads = Table(
     "audit_heads",

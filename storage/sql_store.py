@@ -25,7 +25,7 @@ from sqlalchemy import Engine, create_engine, delete, event, func, insert, selec
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from kms.approvals import Approval, Proposal, ProposalKind, ProposalState, Verdict
-from kms.audit import Refusal
+from kms.audit import JournalEntry, JournalMark, Refusal
 from kms.audit_export import TreeHead
 from kms.custody import ShareSetDescriptor
 from kms.drill import Check, Drill
@@ -41,6 +41,7 @@ from kms.sites import SiteRecord, StatusChange
 from storage.schema import (
     approvals,
     audit_heads,
+    audit_journals,
     audit_log,
     drills,
     emergencies,
@@ -102,6 +103,10 @@ _SQLITE_SQL = {
         "expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
     ),
     "sweep": "DELETE FROM once_ids WHERE id < ?",
+    "mark": (
+        "INSERT INTO audit_journals (name, ingested) VALUES (?, ?) "
+        "ON CONFLICT (name) DO UPDATE SET ingested = excluded.ingested"
+    ),
 }
 _PG_SQL = {name: statement.replace("?", "%s") for name, statement in _SQLITE_SQL.items()}
 # SQLite's BEGIN IMMEDIATE already makes writers take turns; PostgreSQL locks the tree's row.
@@ -178,6 +183,7 @@ class SqlStore:
         self._checkpointer: threading.Thread | None = None
         self._last_sweep = 0.0
         self._stopping = threading.Event()
+        self._before_audit_read: Callable[[], None] | None = None
         # The audit tree's row as this process last committed it: (its stored range, the range).
         # A batch that reads the same bytes from the locked row resumes without parsing them.
         self._tree: tuple[bytes, CompactRange] | None = None
@@ -1248,6 +1254,7 @@ class SqlStore:
         A row that is not valid JSON is yielded as ``{}``: the report counts it as skipped
         rather than failing or quietly leaving it out.
         """
+        self._settle_audit()
         start = 0
         while True:
             with self._reading() as conn:
@@ -1385,17 +1392,37 @@ class SqlStore:
 
     # --- audit ----------------------------------------------------------------------------
 
+    def before_audit_read(self, hook: Callable[[], None] | None) -> None:
+        """Run ``hook`` before every read of the log: the writer's journal drain.
+
+        A worker acknowledges records before they join the tree (``api.audit_writer``); with
+        the hook, whatever reads the log through this store (proofs, exports, heads, reviews)
+        sees every record this process has acknowledged.
+        """
+        self._before_audit_read = hook
+
+    def _settle_audit(self) -> None:
+        hook = self._before_audit_read
+        if hook is not None:
+            hook()
+
     def append(self, records: Iterable[AuditRecord]) -> None:
         self.commit([(record, None) for record in records])
 
-    def commit(self, batch: Sequence[tuple[AuditRecord, Admission | None]]) -> list[Refusal | None]:
-        """One transaction per batch, on the raw connection: this runs once per request.
+    def commit(
+        self,
+        batch: Sequence[tuple[AuditRecord, Admission | None]],
+        journaled: Sequence[JournalEntry] = (),
+        mark: JournalMark | None = None,
+    ) -> list[Refusal | None]:
+        """One transaction per batch, on the raw connection: this runs on the hot path.
 
-        The batch's records become the next leaves of the audit tree: the transaction first
-        locks the tree's row, so indexes are gap-free and in commit order across processes
-        and nodes, and it writes the tree's new size and compact range back before it commits.
+        The journaled entries, then the batch's records, become the next leaves of the audit
+        tree: the transaction first locks the tree's row, so indexes are gap-free and in commit
+        order across processes and nodes, and it writes the tree's new size and compact range
+        (and the journal's mark) back before it commits.
         """
-        if not batch:
+        if not batch and not journaled and mark is None:
             return []
         connection = self._raw_connection()
         postgres = self._engine.dialect.name == "postgresql"
@@ -1404,11 +1431,13 @@ class SqlStore:
             try:
                 if postgres:
                     with connection.driver_connection.transaction():
-                        outcome, tree = self._commit_batch(cursor, batch, _PG_SQL)
+                        outcome, tree = self._commit_batch(cursor, batch, journaled, mark, _PG_SQL)
                 else:
                     _begin_immediate(cursor)
                     try:
-                        outcome, tree = self._commit_batch(cursor, batch, _SQLITE_SQL)
+                        outcome, tree = self._commit_batch(
+                            cursor, batch, journaled, mark, _SQLITE_SQL
+                        )
                     except BaseException:
                         connection.rollback()
                         raise
@@ -1425,12 +1454,20 @@ class SqlStore:
         self,
         cursor: Any,
         batch: Sequence[tuple[AuditRecord, Admission | None]],
+        journaled: Sequence[JournalEntry],
+        mark: JournalMark | None,
         sql: Mapping[str, str],
     ) -> tuple[list[Refusal | None], tuple[bytes, CompactRange]]:
         cursor.execute(sql["tree"])  # first: every writer takes the locks in the same order
         compact = self._resume_tree(cursor.fetchall())
         outcome: list[Refusal | None] = []
         rows = []
+        for entry in journaled:
+            leaf = leaf_hash(entry.data)
+            rows.append(
+                (entry.time, entry.request_id, entry.node, entry.data.decode(), compact.size, leaf)
+            )
+            compact.append(leaf)
         for record, admission in batch:
             refusal = None if admission is None else _admit(cursor, admission, sql)
             outcome.append(refusal)
@@ -1444,14 +1481,31 @@ class SqlStore:
                 (record.time, record.request_id, record.node, data.decode(), compact.size, leaf)
             )
             compact.append(leaf)
-        cursor.executemany(sql["audit"], rows)
+        if rows:
+            cursor.executemany(sql["audit"], rows)
         tree_bytes = b"".join(compact.hashes)
         cursor.execute(sql["tree_write"], (compact.size, tree_bytes))
+        if mark is not None:
+            cursor.execute(sql["mark"], (mark.name, mark.offset))
         now = time.time()
         if now - self._last_sweep > _SWEEP_SECONDS:
             self._last_sweep = now
             cursor.execute(sql["sweep"], (struct.pack(">Q", math.floor(now)),))
         return outcome, (tree_bytes, compact)
+
+    def journal_offset(self, name: str) -> int:
+        with self._reading() as conn:
+            value = conn.execute(
+                select(audit_journals.c.ingested).where(audit_journals.c.name == name)
+            ).scalar()
+        return 0 if value is None else int(value)
+
+    def forget_journal(self, name: str) -> None:
+        try:
+            with self._engine.begin() as conn:
+                conn.execute(delete(audit_journals).where(audit_journals.c.name == name))
+        except SQLAlchemyError as exc:
+            raise StorageError("metadata store unavailable") from exc
 
     def _resume_tree(self, rows: list[Any]) -> CompactRange:
         """The tree as the locked row holds it, to append to.
@@ -1472,6 +1526,7 @@ class SqlStore:
 
     def tree_state(self) -> tuple[int, bytes]:
         """The audit tree's size and root hash, as of the last committed batch."""
+        self._settle_audit()
         with self._reading() as conn:
             row = conn.execute(text('SELECT size, "range" FROM audit_tree WHERE id = 1')).first()
         if row is None:
@@ -1481,6 +1536,7 @@ class SqlStore:
 
     def audit_records(self, limit: int = 1000) -> list[dict[str, Any]]:
         """The first ``limit`` records in log order, as stored (``time_us``, not ``time``)."""
+        self._settle_audit()
         with self._reading() as conn:
             rows = conn.execute(
                 select(audit_log.c.seq, audit_log.c.record).order_by(audit_log.c.seq).limit(limit)
@@ -1504,6 +1560,7 @@ class SqlStore:
         return [bytes(leaf) for _, leaf in self._leaf_rows(start, end)]
 
     def _leaf_rows(self, start: int, end: int | None) -> list[tuple[str, bytes]]:
+        self._settle_audit()
         query = select(audit_log.c.seq, audit_log.c.record, audit_log.c.leaf_hash).where(
             audit_log.c.seq >= start
         )
@@ -1522,6 +1579,7 @@ class SqlStore:
         self, limit: int | None = None
     ) -> list[tuple[int, dict[str, Any], bytes]]:
         """(leaf index, record, stored leaf hash) in log order, the first ``limit`` (or all)."""
+        self._settle_audit()
         query = select(audit_log.c.seq, audit_log.c.record, audit_log.c.leaf_hash).order_by(
             audit_log.c.seq
         )
@@ -1584,6 +1642,7 @@ class SqlStore:
         A range of the primary key, so its cost is bounded by ``end - start``; the optional
         filters use the row's own columns (no index on them: they only thin that range).
         """
+        self._settle_audit()
         query = select(
             audit_log.c.seq, audit_log.c.time, audit_log.c.record, audit_log.c.leaf_hash
         ).where(audit_log.c.seq >= start, audit_log.c.seq < end)
@@ -1604,6 +1663,7 @@ class SqlStore:
         times rise with the index; callers widen ``moment`` by how far out of order records
         may be. ``size`` if every record is earlier.
         """
+        self._settle_audit()
         probe = text("SELECT seq, time FROM audit_log WHERE seq >= :s ORDER BY seq LIMIT 1")
         low, high = 0, size
         with self._reading() as conn:

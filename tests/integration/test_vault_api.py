@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import os
+import time
 from typing import TYPE_CHECKING
 
 import hvac
@@ -313,16 +315,46 @@ def test_tokens_and_audit(unsealed: tuple[hvac.Client, list[str]], server: Serve
 def test_audit_failure_fails_closed(
     unsealed: tuple[hvac.Client, list[str]], server: ServerThread
 ) -> None:
+    """No answer leaves without its record: a full disk under the journal means 503."""
     vault, _ = unsealed
     vault.secrets.transit.create_key("fc")
-
-    def broken(_records: object) -> None:
-        raise OSError("disk full")
-
-    server.runtime.audit._sink = type(
-        "Broken", (), {"append": staticmethod(broken), "commit": staticmethod(broken)}
-    )()
+    journal = server.runtime.audit._journal
+    assert journal is not None
+    full = os.open("/dev/full", os.O_WRONLY)
+    os.dup2(full, journal._fd)
+    os.close(full)
     response = raw(server, "POST", "transit/datakey/plaintext/fc", vault.token, json={})
     assert response.status_code == 503
     assert "audit" in response.json()["errors"][0]
     assert "ciphertext" not in response.text
+
+
+def test_a_lost_log_fails_closed_once_the_journal_cannot_be_taken_in(
+    unsealed: tuple[hvac.Client, list[str]], server: ServerThread
+) -> None:
+    """The answer that was journaled stands; the ones after it wait for the log, and fail."""
+    vault, _ = unsealed
+    vault.secrets.transit.create_key("fc")
+    store = server.runtime.store
+    real_commit = store.commit
+    store.audit_records(1)  # what came before is in the log
+
+    def broken(*_args: object, **_kwargs: object) -> None:
+        raise OSError("disk full")
+
+    store.commit = broken  # type: ignore[method-assign]
+    try:
+        first = raw(server, "POST", "transit/datakey/plaintext/fc", vault.token, json={})
+        assert first.status_code == 200  # its record is durable in the journal
+        time.sleep(0.05)  # the journal's flush fails meanwhile
+        second = raw(server, "POST", "transit/datakey/plaintext/fc", vault.token, json={})
+        assert second.status_code == 503
+        assert "ciphertext" not in second.text
+    finally:
+        store.commit = real_commit  # type: ignore[method-assign]
+    third = raw(server, "POST", "transit/datakey/plaintext/fc", vault.token, json={})
+    assert third.status_code == 200
+    ids = [r["request_id"] for r in store.audit_records(10_000)]
+    assert first.headers["X-Request-Id"] in ids
+    assert third.headers["X-Request-Id"] in ids
+    assert second.headers.get("X-Request-Id") not in ids

@@ -8,7 +8,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kms.canonical import MAX_DEPTH, MAX_SAFE_INTEGER, _canonical_json, canonical_json
+from kms.canonical import (
+    MAX_DEPTH,
+    MAX_SAFE_INTEGER,
+    _canonical_json,
+    canonical_json,
+    canonical_record,
+)
 from kms.errors import InvalidRequestError
 
 
@@ -231,6 +237,44 @@ def test_values_the_fast_path_cannot_vouch_for_go_to_the_encoder(value: object) 
         expected = str(exc)
     try:
         got: bytes | str = canonical_json(value)
+    except InvalidRequestError as exc:
+        got = str(exc)
+    assert got == expected
+
+
+# --- the record encoder: ASCII field names, values checked --------------------------------------
+
+FIELD_NAMES = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(FIELD_NAMES, json_values(TEXT), max_size=6))
+def test_record_encoder_agrees_with_the_encoder(fields: dict[str, object]) -> None:
+    assert canonical_record(fields) == _canonical_json(fields)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [1.0, [2**53], {"b": -(2**53)}, {1: "x"}, "\ud800", (1, 2), IntFlagLike.ONE, {"\U0001f600": 1}],
+    ids=[
+        "float",
+        "big-int",
+        "small-int",
+        "int-key",
+        "surrogate",
+        "tuple",
+        "int-subclass",
+        "astral",
+    ],
+)
+def test_record_encoder_sends_what_it_cannot_vouch_for_to_the_encoder(value: object) -> None:
+    fields = {"details": value, "status": 200}
+    try:
+        expected: bytes | str = _canonical_json(fields)
+    except InvalidRequestError as exc:
+        expected = str(exc)
+    try:
+        got: bytes | str = canonical_record(fields)
     except InvalidRequestError as exc:
         got = str(exc)
     assert got == expected
