@@ -324,3 +324,22 @@ def test_records_survive_a_server_killed_mid_load(tmp_path: Path) -> None:
     assert size == len(ids) == len(leaves)
     assert [leaf_hash(item) for item in data] == leaves
     assert root_from_leaves(leaves) == root_hash
+
+
+def test_the_journal_is_on_with_sqlite_off_with_postgresql_unless_asked(tmp_path: Path) -> None:
+    from api.settings import ConfigError, Settings
+
+    sqlite = Settings(data_dir=tmp_path)
+    assert sqlite.journal_dir == tmp_path / "audit-journal"
+    postgres = Settings(data_dir=tmp_path, database_url="postgresql+psycopg://db/ekms")
+    assert postgres.journal_dir is None
+    chosen = Settings(
+        data_dir=tmp_path,
+        database_url="postgresql+psycopg://db/ekms",
+        audit_journal="on",
+        audit_journal_dir=str(tmp_path / "j"),
+    )
+    assert chosen.journal_dir == tmp_path / "j"
+    assert Settings(data_dir=tmp_path, audit_journal="off").journal_dir is None
+    with pytest.raises(ConfigError, match="audit_journal must be one of: auto, on, off"):
+        Settings.from_mapping({"data_dir": str(tmp_path), "audit_journal": True})
