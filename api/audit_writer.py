@@ -76,10 +76,6 @@ class AuditWriter:
         self._timer_loop: asyncio.AbstractEventLoop | None = None
         self._last_flush = 0.0
 
-    @property
-    def journaling(self) -> bool:
-        return self._journal_dir is not None
-
     async def write(
         self, record: AuditRecord, admission: Admission | None = None
     ) -> Refusal | None:
@@ -114,7 +110,7 @@ class AuditWriter:
         try:
             self._commit([])  # under the lock: a flush in progress on the loop finishes first
         except Exception as exc:  # noqa: BLE001 - logged by type; the reader must not go on
-            log.error("audit journal could not be taken into the log: %s", type(exc).__name__)
+            _log_failure(exc)
             raise StorageError(
                 "audit records waiting in this worker's journal could not be written to the log"
             ) from None
@@ -145,7 +141,7 @@ class AuditWriter:
             if entries:
                 log.warning(
                     "took %d audit records from journal %s, left by a worker that stopped "
-                    "without taking them in (pid %d)",
+                    "without taking them in (taken in by worker pid %d)",
                     len(entries),
                     orphan.name,
                     os.getpid(),
@@ -194,7 +190,7 @@ class AuditWriter:
             try:
                 self._commit([])
             except Exception as exc:  # noqa: BLE001 - this record is safe in the journal
-                log.error("audit journal could not be taken into the log: %s", type(exc).__name__)
+                _log_failure(exc)
 
     def _schedule_journal(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._timer is not None and self._timer_loop is loop:
@@ -208,7 +204,7 @@ class AuditWriter:
         try:
             self._commit([])
         except Exception as exc:  # noqa: BLE001 - kept in the journal; retried, requests wait
-            log.error("audit journal could not be taken into the log: %s", type(exc).__name__)
+            _log_failure(exc)
             self._timer = loop.call_later(RETRY_INTERVAL, self._flush_journal, loop)
             self._timer_loop = loop
 
@@ -268,3 +264,8 @@ class AuditWriter:
                 failure = AuditError()
                 failure.__cause__ = error
                 future.set_exception(failure)
+
+
+def _log_failure(exc: BaseException) -> None:
+    """By type only: a driver's message may quote the statement, and with it a record."""
+    log.error("audit journal could not be taken into the log: %s", type(exc).__name__)

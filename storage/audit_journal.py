@@ -82,9 +82,7 @@ class AuditJournal:
 
     def remove(self) -> None:
         """Delete the file and release it: every record in it must already be in the log."""
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-        os.close(self._fd)
+        _unlink_and_close(self.path, self._fd)
 
 
 @dataclass(frozen=True)
@@ -118,9 +116,7 @@ class Orphan:
         return found
 
     def remove(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-        os.close(self.fd)
+        _unlink_and_close(self.path, self.fd)
 
     def release(self) -> None:
         os.close(self.fd)
@@ -147,6 +143,13 @@ def orphans(directory: Path) -> Iterator[Orphan]:
             os.close(fd)
             continue
         yield Orphan(path.name.removesuffix(SUFFIX), path, fd)
+
+
+def _unlink_and_close(path: Path, fd: int) -> None:
+    """Unlink before the lock goes with the descriptor, so no one else can take the file in."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    os.close(fd)
 
 
 def _entry(line: bytes, journal: str, offset: int, node: str) -> JournalEntry:
